@@ -1,0 +1,42 @@
+import pytest
+from datasets import Dataset
+
+from trl_plus.tiny import save_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory):
+    """A tiny Qwen2 and its character tokenizer saved locally (trainers load it by path, as they would a Hub id)."""
+    return save_tiny_model(str(tmp_path_factory.mktemp("tiny-model")))
+
+
+@pytest.fixture
+def prompt_dataset():
+    return Dataset.from_dict({"prompt": [f"{a}+{b}=" for a in range(4) for b in range(4)]})
+
+
+def digit_reward(completions, **kwargs):
+    """1.0 per digit in the completion, so groups mostly differ in reward."""
+    return [float(sum(ch.isdigit() for ch in completion)) for completion in completions]
+
+
+def make_config(config_class, output_dir, **overrides):
+    """A CPU-sized config: tiny batches, short completions, fp32, no logging to disk."""
+    settings = dict(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=8,
+        learning_rate=1e-2,
+        max_steps=2,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+    )
+    settings.update(overrides)
+    return config_class(**settings)

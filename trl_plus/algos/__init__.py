@@ -1,0 +1,43 @@
+"""Pure torch implementations of the algorithms: no transformers, accelerate or trl imports."""
+
+from .advantages import (
+    ADVANTAGES,
+    GLOBALLY_WHITENED,
+    grpo_advantages,
+    kl_penalty_to_go,
+    masked_whiten,
+    reinforce_pp_advantages,
+    reinforce_pp_baseline_advantages,
+    rloo_advantages,
+)
+from .aggregation import AGGREGATIONS, seq_mean_token_mean, seq_mean_token_sum_norm, token_mean
+from .kl import KL_ESTIMATORS, k1, k2, k3
+from .policy_losses import POLICY_LOSSES, aspo_loss, clip_cov_loss, kl_cov_loss, ppo_clip_loss, token_covariance
+from .registry import Registry, call_with_supported
+
+__all__ = [
+    "ADVANTAGES",
+    "AGGREGATIONS",
+    "GLOBALLY_WHITENED",
+    "KL_ESTIMATORS",
+    "POLICY_LOSSES",
+    "Registry",
+    "aspo_loss",
+    "call_with_supported",
+    "clip_cov_loss",
+    "grpo_advantages",
+    "k1",
+    "k2",
+    "k3",
+    "kl_cov_loss",
+    "kl_penalty_to_go",
+    "masked_whiten",
+    "ppo_clip_loss",
+    "reinforce_pp_advantages",
+    "reinforce_pp_baseline_advantages",
+    "rloo_advantages",
+    "seq_mean_token_mean",
+    "seq_mean_token_sum_norm",
+    "token_covariance",
+    "token_mean",
+]

@@ -1,0 +1,171 @@
+"""Per-token policy losses (minimized).
+
+Every registered loss takes `log_prob` and `old_log_prob` `(B, T)` (log space), `advantages` `(B, 1)` or `(B, T)` and
+`mask` `(B, T)`, plus its own keyword hyperparameters, and returns `(per_token_loss, metrics)`: the `(B, T)` loss
+before aggregation and a dict of `(B, T)` float indicators that the trainer averages over valid tokens and logs.
+"""
+
+import torch
+
+from .registry import Registry
+
+POLICY_LOSSES = Registry("policy loss")
+
+# exp() of a log-ratio beyond this overflows float16/bfloat16 and turns a clipped (zero-gradient) token into NaN.
+MAX_LOG_RATIO = 20.0
+
+
+def _ratio(log_prob: torch.Tensor, old_log_prob: torch.Tensor) -> torch.Tensor:
+    return torch.exp(torch.clamp(log_prob - old_log_prob, -MAX_LOG_RATIO, MAX_LOG_RATIO))
+
+
+@POLICY_LOSSES.register("ppo_clip")
+def ppo_clip_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps_low: float,
+    eps_high: float,
+    dual_clip_c: float | None = None,
+):
+    """PPO clip with decoupled bounds (Clip-Higher, DAPO arXiv 2503.14476 eq. 10) and optional dual-clip.
+
+    l = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A). With `dual_clip_c` = c > 1 (arXiv 1912.09729 eq. 5), for
+    A < 0 only, l = min(l, -c A): the loss is bounded by c |A| and its gradient is 0 once r > c.
+    """
+    ratio = _ratio(log_prob, old_log_prob)
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    per_token_loss = torch.maximum(pg_loss1, pg_loss2)
+    is_low_clipped = (ratio < 1 - eps_low) & (advantages < 0)
+    is_high_clipped = (ratio > 1 + eps_high) & (advantages > 0)
+    metrics = {
+        "clip_ratio/low_mean": is_low_clipped.float(),
+        "clip_ratio/high_mean": is_high_clipped.float(),
+        "clip_ratio/region_mean": (is_low_clipped | is_high_clipped).float(),
+    }
+    if dual_clip_c is not None:
+        pg_loss3 = -advantages * dual_clip_c
+        is_dual_clipped = (advantages < 0) & (per_token_loss > pg_loss3)
+        per_token_loss = torch.where(is_dual_clipped, pg_loss3, per_token_loss)
+        metrics["clip_ratio/dual_mean"] = is_dual_clipped.float()
+    return per_token_loss, metrics
+
+
+@POLICY_LOSSES.register("aspo")
+def aspo_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps_low: float,
+    eps_high: float,
+    aspo_neg_clip: float = 3.0,
+    aspo_pos_clip: float = 3.0,
+):
+    """ASPO, asymmetric importance sampling (arXiv 2510.06062; Archer2.0 `compute_policy_loss_archer`).
+
+    1. Hard mask: c_neg = max(r, 1 - eps_low) for A < 0, c_pos = min(r, 1 + eps_high) for A > 0; a clamped ratio is a
+       constant, so those tokens get no gradient.
+    2. Flipped weight for A > 0: l = -A c_pos / sg(c_pos)^2, value -A / c_pos, gradient -A (1/r) grad logp: good
+       tokens the policy finds unlikely get MORE weight. A < 0 keeps l = -A c_neg.
+    3. Soft dual clip (CISPO style, keeps the gradient): where c_neg > `aspo_neg_clip` use -A C_neg logp; where
+       1 / c_pos > `aspo_pos_clip` use -A C_pos logp.
+    """
+    ratio = _ratio(log_prob, old_log_prob)
+    is_positive = advantages > 0
+    c_pos = torch.clamp(ratio, max=1 + eps_high)
+    c_neg = torch.clamp(ratio, min=1 - eps_low)
+    pos_loss = -advantages * c_pos / c_pos.detach() ** 2
+    neg_loss = -advantages * c_neg
+    is_pos_soft_clipped = is_positive & (1 / c_pos.detach() > aspo_pos_clip)
+    is_neg_soft_clipped = ~is_positive & (c_neg.detach() > aspo_neg_clip)
+    pos_loss = torch.where(is_pos_soft_clipped, -advantages * aspo_pos_clip * log_prob, pos_loss)
+    neg_loss = torch.where(is_neg_soft_clipped, -advantages * aspo_neg_clip * log_prob, neg_loss)
+    per_token_loss = torch.where(is_positive, pos_loss, neg_loss)
+    is_low_clipped = (ratio < 1 - eps_low) & (advantages < 0)
+    is_high_clipped = (ratio > 1 + eps_high) & is_positive
+    metrics = {
+        "clip_ratio/low_mean": is_low_clipped.float(),
+        "clip_ratio/high_mean": is_high_clipped.float(),
+        "clip_ratio/region_mean": (is_low_clipped | is_high_clipped).float(),
+        "clip_ratio/soft_dual_mean": (is_pos_soft_clipped | is_neg_soft_clipped).float(),
+    }
+    return per_token_loss, metrics
+
+
+def _masked_centered(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    return values - (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def token_covariance(log_prob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """cov_{i,t} = (logp - mean logp) (A - mean A), means over the valid tokens (arXiv 2505.22617 eq. 11), `(B, T)`."""
+    advantages = advantages.expand_as(log_prob)
+    return _masked_centered(log_prob.detach(), mask) * _masked_centered(advantages, mask)
+
+
+@POLICY_LOSSES.register("clip_cov")
+def clip_cov_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps_low: float,
+    eps_high: float,
+    clip_cov_ratio: float = 2e-4,
+    clip_cov_lb: float = 1.0,
+    clip_cov_ub: float = 5.0,
+    generator: torch.Generator | None = None,
+):
+    """Clip-Cov (arXiv 2505.22617 sec. 4.2, verl `compute_policy_loss_clip_cov`).
+
+    Among the valid tokens that PPO clipping left untouched and whose covariance lies in (lb, ub), pick at random
+    max(1, int(ratio * #valid)) and zero their loss (and so their gradient); the rest get the clipped PPO loss.
+    """
+    ratio = _ratio(log_prob, old_log_prob)
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    valid = mask.bool()
+    is_ppo_clipped = (pg_loss2 > pg_loss1) & valid
+    cov = token_covariance(log_prob, advantages, mask)
+    candidates = torch.nonzero((cov > clip_cov_lb) & (cov < clip_cov_ub) & valid & ~is_ppo_clipped)
+    num_to_detach = max(int(clip_cov_ratio * valid.sum().item()), 1)
+    chosen = candidates[torch.randperm(len(candidates), generator=generator, device="cpu")[:num_to_detach]]
+    keep = torch.ones_like(ratio)
+    keep[chosen[:, 0], chosen[:, 1]] = 0.0
+    per_token_loss = torch.maximum(pg_loss1, pg_loss2) * keep
+    return per_token_loss, {"clip_cov/detached_mean": 1.0 - keep, "clip_ratio/region_mean": is_ppo_clipped.float()}
+
+
+@POLICY_LOSSES.register("kl_cov")
+def kl_cov_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    kl_cov_ratio: float = 2e-3,
+    kl_cov_coef: float = 1.0,
+):
+    """KL-Cov (arXiv 2505.22617 sec. 4.2, verl `compute_policy_loss_kl_cov`).
+
+    l = -r A (no clipping); the top max(1, int(ratio * #valid)) valid tokens by covariance also get
+    + coef |logp - old_logp|.
+    """
+    ratio = _ratio(log_prob, old_log_prob)
+    per_token_loss = -advantages * ratio
+    penalty = kl_cov_coef * (log_prob - old_log_prob).abs()
+    valid = mask.bool()
+    cov = token_covariance(log_prob, advantages, mask).masked_fill(~valid, -torch.inf)
+    num_valid = int(valid.sum().item())
+    is_penalized = torch.zeros_like(valid)
+    if num_valid > 0:
+        top = torch.topk(cov.flatten(), max(int(kl_cov_ratio * num_valid), 1)).indices
+        is_penalized.view(-1)[top] = True
+    per_token_loss = torch.where(is_penalized, per_token_loss + penalty, per_token_loss)
+    return per_token_loss, {"kl_cov/penalized_mean": is_penalized.float()}

@@ -1,0 +1,28 @@
+from .grpo import GRPOConfig, GRPOTrainer
+from .presets import (
+    ASPOConfig,
+    ASPOTrainer,
+    DAPOConfig,
+    DAPOTrainer,
+    GSPOConfig,
+    GSPOTrainer,
+    ReinforcePPConfig,
+    ReinforcePPTrainer,
+    RLOOConfig,
+    RLOOTrainer,
+)
+
+__all__ = [
+    "ASPOConfig",
+    "ASPOTrainer",
+    "DAPOConfig",
+    "DAPOTrainer",
+    "GRPOConfig",
+    "GRPOTrainer",
+    "GSPOConfig",
+    "GSPOTrainer",
+    "RLOOConfig",
+    "RLOOTrainer",
+    "ReinforcePPConfig",
+    "ReinforcePPTrainer",
+]

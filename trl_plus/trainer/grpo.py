@@ -1,0 +1,393 @@
+"""`GRPOConfig` / `GRPOTrainer`: TRL's GRPO plus the estimators, losses and KL choices registered in `trl_plus.algos`.
+
+With default settings nothing here runs: advantages and loss are TRL's own, so training is identical to
+`trl.GRPOTrainer`. Two hooks wrap TRL's methods through `super()`:
+
+- `_generate_and_score_completions`: replaces TRL's GRPO advantages with the configured estimator, computed on the
+  rewards of the whole global batch before this process's slice is taken (groups can straddle processes), then folds
+  KL into the token reward and whitens over the global batch where the estimator asks for it.
+- `_compute_loss`: for the loss types TRL lacks (or TRL's PPO-clip types with a trl_plus modifier: dual-clip, another
+  KL estimator or placement, an explicit aggregation), computes the loss from the `POLICY_LOSSES`, `KL_ESTIMATORS` and
+  `AGGREGATIONS` registries; every other configuration goes to TRL's `_compute_loss` unchanged.
+"""
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import trl
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import get_config_model_id
+
+from ..algos import (
+    ADVANTAGES,
+    AGGREGATIONS,
+    GLOBALLY_WHITENED,
+    KL_ESTIMATORS,
+    POLICY_LOSSES,
+    call_with_supported,
+    kl_penalty_to_go,
+    masked_whiten,
+)
+
+logger = logging.getLogger(__name__)
+
+# TRL 1.16's own loss types; each keeps TRL's meaning.
+TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+# TRL loss types that are PPO-clip plus an aggregation, which the registry path can reproduce and then modify.
+_PPO_CLIP_AGGREGATION = {"grpo": "seq_mean_token_mean", "dapo": "token_mean", "dr_grpo": "seq_mean_token_sum_norm"}
+# Loss types trl_plus adds: every registered policy loss except the PPO clip that TRL's types already name.
+NEW_LOSS_TYPES = tuple(name for name in POLICY_LOSSES.names() if name != "ppo_clip")
+# Inputs that `_get_per_token_logps_and_entropies` forwards to multimodal models.
+_MODEL_INPUT_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` is {value!r}; valid choices: {list(choices)}.")
+
+
+@dataclass
+class GRPOConfig(trl.GRPOConfig):
+    """`trl.GRPOConfig` plus the choices of trl_plus. Every TRL field keeps its meaning and default.
+
+    Fields added (see `../shared/ALGORITHMS.md` for the math): `advantage_estimator`, the `loss_type` values `aspo`,
+    `clip_cov` and `kl_cov`, `dual_clip_c`, `kl_estimator`, `kl_in_reward`, `loss_aggregation` and the
+    hyperparameters of ASPO, Clip-Cov and KL-Cov.
+    """
+
+    advantage_estimator: str = field(
+        default="grpo",
+        metadata={
+            "help": f"How advantages are computed from rewards; one of {ADVANTAGES.names()}. 'grpo' (default) is "
+            "TRL's own computation (`scale_rewards` applies to it only). 'rloo': exact leave-one-out baseline "
+            "(arXiv 2402.14740). 'reinforce_pp': REINFORCE++, no baseline, advantages z-scored over every valid "
+            "token of the global batch (arXiv 2501.03262). 'reinforce_pp_baseline': group mean subtracted first."
+        },
+    )
+    dual_clip_c: float | None = field(
+        default=None,
+        metadata={
+            "help": "Dual-clip PPO (arXiv 1912.09729): for negative advantages the loss is bounded by c*|A|. Must be "
+            "> 1; 3.0 is the paper's value. Only with loss_type 'grpo', 'dapo' or 'dr_grpo'."
+        },
+    )
+    kl_estimator: str = field(
+        default="k3",
+        metadata={"help": f"KL estimator used with beta > 0; one of {KL_ESTIMATORS.names()}. 'k3' is TRL's."},
+    )
+    kl_in_reward: bool = field(
+        default=False,
+        metadata={
+            "help": "Place the KL penalty in the token reward (r_t -= beta * KL_t, no gradient through it; PPO, "
+            "REINFORCE++) instead of in the loss (GRPO). Needs beta > 0."
+        },
+    )
+    loss_aggregation: str | None = field(
+        default=None,
+        metadata={
+            "help": f"How per-token losses are reduced; one of {AGGREGATIONS.names()}. None (default): the "
+            "aggregation of `loss_type` ('grpo' -> seq_mean_token_mean, 'dr_grpo' -> seq_mean_token_sum_norm, "
+            "otherwise token_mean)."
+        },
+    )
+    aspo_neg_clip: float = field(
+        default=3.0, metadata={"help": "ASPO soft dual-clip bound C_neg on the ratio of negative tokens."}
+    )
+    aspo_pos_clip: float = field(
+        default=3.0, metadata={"help": "ASPO soft dual-clip bound C_pos on the flipped weight 1/r of positive tokens."}
+    )
+    clip_cov_ratio: float = field(
+        default=2e-4, metadata={"help": "Clip-Cov: fraction of valid tokens whose gradient is detached."}
+    )
+    clip_cov_lb: float = field(default=1.0, metadata={"help": "Clip-Cov: lower covariance bound of eligible tokens."})
+    clip_cov_ub: float = field(default=5.0, metadata={"help": "Clip-Cov: upper covariance bound of eligible tokens."})
+    kl_cov_ratio: float = field(
+        default=2e-3, metadata={"help": "KL-Cov: fraction of valid tokens (top by covariance) that get the KL term."}
+    )
+    kl_cov_coef: float = field(default=1.0, metadata={"help": "KL-Cov: coefficient of |logp - old_logp|."})
+
+    def __post_init__(self):
+        self._validate_choices()
+        super().__post_init__()
+        self._validate_combinations()
+
+    def _validate_choices(self) -> None:
+        _check_choice("advantage_estimator", self.advantage_estimator, ADVANTAGES.names())
+        _check_choice("loss_type", self.loss_type, TRL_LOSS_TYPES + NEW_LOSS_TYPES)
+        _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS.names())
+        if self.loss_aggregation is not None:
+            _check_choice("loss_aggregation", self.loss_aggregation, AGGREGATIONS.names())
+        if self.epsilon < 0:
+            raise ValueError(f"`epsilon` must be >= 0, got {self.epsilon}.")
+        if self.epsilon_high is not None and self.epsilon_high < 0:
+            raise ValueError(f"`epsilon_high` must be >= 0, got {self.epsilon_high}.")
+        if self.dual_clip_c is not None and self.dual_clip_c <= 1:
+            raise ValueError(f"`dual_clip_c` must be > 1 (the paper uses 3.0), got {self.dual_clip_c}.")
+        if min(self.aspo_neg_clip, self.aspo_pos_clip) <= 1:
+            raise ValueError("`aspo_neg_clip` and `aspo_pos_clip` must be > 1 (the paper uses 3.0).")
+        for name in ("clip_cov_ratio", "kl_cov_ratio"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"`{name}` must be in (0, 1], got {getattr(self, name)}.")
+        if self.clip_cov_lb >= self.clip_cov_ub:
+            raise ValueError(f"`clip_cov_lb` ({self.clip_cov_lb}) must be < `clip_cov_ub` ({self.clip_cov_ub}).")
+        if self.kl_cov_coef < 0:
+            raise ValueError(f"`kl_cov_coef` must be >= 0, got {self.kl_cov_coef}.")
+        if self.advantage_estimator == "rloo" and self.num_generations is not None and self.num_generations < 2:
+            raise ValueError(
+                f"advantage_estimator='rloo' needs num_generations >= 2 (the baseline of a completion is the mean "
+                f"of the others in its group), got {self.num_generations}."
+            )
+        if self.kl_in_reward and self.beta == 0.0:
+            raise ValueError("`kl_in_reward=True` needs `beta > 0`: beta weighs the KL penalty in the reward.")
+        if self.kl_estimator != "k3" and self.beta == 0.0:
+            raise ValueError(f"`kl_estimator={self.kl_estimator!r}` has no effect with `beta=0`; set beta > 0.")
+        if self.advantage_estimator != "grpo" and self.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError(
+                f"advantage_estimator={self.advantage_estimator!r} takes the weighted sum of the rewards; set "
+                "`multi_objective_aggregation='sum_then_normalize'`."
+            )
+
+    def _validate_combinations(self) -> None:
+        if self.registry_policy_loss is None:
+            return
+        if self.loss_type not in (*_PPO_CLIP_AGGREGATION, *NEW_LOSS_TYPES):
+            raise ValueError(
+                f"dual_clip_c, kl_estimator, kl_in_reward and loss_aggregation work with loss_type in "
+                f"{[*_PPO_CLIP_AGGREGATION, *NEW_LOSS_TYPES]}, got loss_type={self.loss_type!r}."
+            )
+        unsupported = {
+            "importance_sampling_level='sequence'": self.importance_sampling_level != "token",
+            "top_entropy_quantile < 1": self.top_entropy_quantile < 1.0,
+            "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
+            "entropy_coef / use_adaptive_entropy": self.entropy_coef != 0.0 or self.use_adaptive_entropy,
+            "delta": self.delta is not None,
+        }
+        clashes = [name for name, is_set in unsupported.items() if is_set]
+        if clashes:
+            raise ValueError(
+                f"{clashes} are TRL loss options that loss_type={self.loss_type!r} with trl_plus's loss options "
+                "(dual_clip_c, kl_estimator, kl_in_reward, loss_aggregation) does not support; unset them."
+            )
+        if self.loss_type == "kl_cov" and not self.has_old_log_probs:
+            raise ValueError(
+                "loss_type='kl_cov' penalizes |logp - old_logp|, which is 0 when every update is on-policy. Set "
+                "num_iterations > 1 or steps_per_generation > gradient_accumulation_steps."
+            )
+        if self.loss_type == "aspo" and not self.has_old_log_probs:
+            logger.warning(
+                "loss_type='aspo' with on-policy updates (ratio = 1) is plain policy gradient; ASPO reweights "
+                "off-policy tokens. Set num_iterations > 1 or steps_per_generation > gradient_accumulation_steps."
+            )
+
+    @property
+    def registry_policy_loss(self) -> str | None:
+        """The `POLICY_LOSSES` entry the loss is computed with, or None when TRL's `_compute_loss` computes it."""
+        if self.loss_type in NEW_LOSS_TYPES:
+            return self.loss_type
+        uses_trl_plus_loss_option = (
+            self.dual_clip_c is not None
+            or self.kl_estimator != "k3"
+            or self.kl_in_reward
+            or self.loss_aggregation is not None
+        )
+        return "ppo_clip" if uses_trl_plus_loss_option else None
+
+    @property
+    def resolved_loss_aggregation(self) -> str:
+        return self.loss_aggregation or _PPO_CLIP_AGGREGATION.get(self.loss_type, "token_mean")
+
+    @property
+    def has_old_log_probs(self) -> bool:
+        """Whether TRL computes log-probs of the sampling policy, i.e. whether some updates are off-policy."""
+        generate_every = self.steps_per_generation * self.num_iterations
+        return self.gradient_accumulation_steps % generate_every != 0 or (
+            self.use_vllm and self.vllm_importance_sampling_correction
+        )
+
+
+class GRPOTrainer(trl.GRPOTrainer):
+    """`trl.GRPOTrainer` with the advantage estimators, policy losses and KL options of `trl_plus.GRPOConfig`.
+
+    Takes the same arguments as `trl.GRPOTrainer`; `args` must be a `trl_plus` config (or None for the defaults).
+    """
+
+    config_class = GRPOConfig
+    _tag_names = ["trl", "trl-plus", "grpo"]
+
+    def __init__(self, model, reward_funcs=None, args=None, *positional, **kwargs):
+        if args is None:
+            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = self.config_class(f"{model_name.split('/')[-1]}-{self._name}")
+        elif not isinstance(args, GRPOConfig):
+            raise TypeError(
+                f"{type(self).__name__} needs a trl_plus config (e.g. trl_plus.{self.config_class.__name__}), got "
+                f"{type(args).__module__}.{type(args).__name__}."
+            )
+        super().__init__(model, reward_funcs, args, *positional, **kwargs)
+        self._last_rewards_per_func = None
+        self._policy_loss_hyperparameters = {
+            "eps_low": self.epsilon_low,
+            "eps_high": self.epsilon_high,
+            "dual_clip_c": args.dual_clip_c,
+            "aspo_neg_clip": args.aspo_neg_clip,
+            "aspo_pos_clip": args.aspo_pos_clip,
+            "clip_cov_ratio": args.clip_cov_ratio,
+            "clip_cov_lb": args.clip_cov_lb,
+            "clip_cov_ub": args.clip_cov_ub,
+            "kl_cov_ratio": args.kl_cov_ratio,
+            "kl_cov_coef": args.kl_cov_coef,
+        }
+
+    # ------------------------------------------------------------------ advantages
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        # TRL returns the rewards of every process; keep them for estimators that need whole groups.
+        self._last_rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        return self._last_rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        if self.args.advantage_estimator != "grpo" or self.args.kl_in_reward:
+            output["advantages"] = self._compute_advantages(output)
+        return output
+
+    def _global_rewards(self) -> torch.Tensor:
+        """Weighted sum of the gathered rewards, `(N,)`; NaN where no reward function scored the completion."""
+        rewards_per_func = self._last_rewards_per_func
+        rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
+        return rewards.masked_fill(torch.isnan(rewards_per_func).all(dim=1), torch.nan)
+
+    def _compute_advantages(self, output: dict) -> torch.Tensor:
+        """This process's advantages, `(B,)`, or `(B, T)` when KL is in the reward or the estimator whitens tokens."""
+        args = self.args
+        mode = "train" if self.model.training else "eval"
+        mask = output["completion_mask"] * output.get("tool_mask", 1)
+        local_size = output["completion_ids"].size(0)
+        if args.advantage_estimator == "grpo":
+            advantages = output["advantages"]
+        else:
+            num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+            all_advantages = ADVANTAGES.get(args.advantage_estimator)(self._global_rewards(), num_generations)
+            start = self.accelerator.process_index * local_size
+            advantages = all_advantages[start : start + local_size]
+        if args.kl_in_reward:
+            kl = KL_ESTIMATORS.get(args.kl_estimator)(self._old_log_probs(output), output["ref_per_token_logps"])
+            self._metrics[mode]["kl"].append(self._global_masked_mean(kl, mask))
+            advantages = kl_penalty_to_go(advantages, kl, mask, self.beta)
+        if args.advantage_estimator in GLOBALLY_WHITENED:
+            token_advantages = advantages if advantages.dim() == 2 else advantages.unsqueeze(1) * mask
+            advantages = masked_whiten(token_advantages, mask, self._all_reduce_sum)
+        self._log_advantages(advantages, mask)
+        return advantages
+
+    def _old_log_probs(self, output: dict) -> torch.Tensor:
+        """Log-probs of the sampling policy: TRL's when it computed them, otherwise one no-grad forward pass."""
+        if output.get("old_per_token_logps") is not None:
+            return output["old_per_token_logps"]
+        input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            log_probs, _, _ = self._get_per_token_logps_and_entropies(
+                self.model,
+                input_ids,
+                attention_mask,
+                output["completion_ids"].size(1),
+                batch_size=self.args.per_device_train_batch_size,
+            )
+        return log_probs
+
+    def _log_advantages(self, advantages: torch.Tensor, mask: torch.Tensor) -> None:
+        """Show the advantages actually trained on (per-sequence mean for token advantages) in the completions log."""
+        if advantages.dim() == 2:
+            advantages = (advantages * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        gathered = self.accelerator.gather(advantages).tolist()
+        logged = self._logs["advantages"]
+        for _ in range(min(len(gathered), len(logged))):
+            logged.pop()
+        logged.extend(gathered)
+
+    # ------------------------------------------------------------------ loss
+    def _compute_loss(self, model, inputs):
+        if self.args.registry_policy_loss is None:
+            return super()._compute_loss(model, inputs)
+        return self._compute_registry_loss(model, inputs)
+
+    def _compute_registry_loss(self, model, inputs):
+        args = self.args
+        mode = "train" if self.model.training else "eval"
+        completion_ids = inputs["completion_ids"]
+        mask = inputs["completion_mask"] * inputs.get("tool_mask", 1)
+        per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+            model,
+            torch.cat([inputs["prompt_ids"], completion_ids], dim=1),
+            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
+            completion_ids.size(1),
+            compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled,
+            **{key: inputs.get(key) for key in _MODEL_INPUT_KEYS},
+        )
+        advantages = inputs["advantages"]
+        advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+        old_per_token_logps = inputs.get("old_per_token_logps")
+        old_per_token_logps = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
+
+        per_token_loss, loss_metrics = call_with_supported(
+            POLICY_LOSSES.get(args.registry_policy_loss),
+            per_token_logps,
+            old_per_token_logps,
+            advantages,
+            mask,
+            **self._policy_loss_hyperparameters,
+        )
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            per_token_loss = per_token_loss * inputs["importance_sampling_ratio"]
+        if self.beta != 0.0 and not args.kl_in_reward:
+            per_token_kl = KL_ESTIMATORS.get(args.kl_estimator)(per_token_logps, inputs["ref_per_token_logps"])
+            if args.use_bias_correction_kl:
+                per_token_kl = per_token_kl * torch.exp(per_token_logps - old_per_token_logps)
+            per_token_loss = per_token_loss + self.beta * per_token_kl
+            self._metrics[mode]["kl"].append(self._global_masked_mean(per_token_kl, mask))
+
+        accumulation_steps = self.current_gradient_accumulation_steps if mode == "train" else 1
+        # token_mean divides by the valid tokens of this accumulation window over all processes, as TRL's "dapo".
+        num_tokens = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        if mode == "train":
+            num_tokens = num_tokens * accumulation_steps / args.steps_per_generation
+        loss = call_with_supported(
+            AGGREGATIONS.get(args.resolved_loss_aggregation),
+            per_token_loss,
+            mask,
+            num_tokens=num_tokens,
+            max_length=self.max_completion_length,
+        )
+        if args.resolved_loss_aggregation != "token_mean":
+            loss = loss / accumulation_steps
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation_steps
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather(aux_loss.detach()).mean().item())
+
+        self._metrics[mode]["entropy"].append(self._global_masked_mean(entropies, mask))
+        for name, values in loss_metrics.items():
+            self._metrics[mode][name].append(self._global_masked_mean(values, mask))
+        return loss
+
+    # ------------------------------------------------------------------ distributed helpers
+    def _all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(tensor, reduction="sum")
+
+    def _global_masked_mean(self, values: torch.Tensor, mask: torch.Tensor) -> float:
+        """Mean of `(B, T)` values over the valid tokens of every process."""
+        values = values.expand_as(mask)
+        totals = self._all_reduce_sum(torch.stack([(values * mask).sum(), mask.sum().to(values.dtype)]).detach())
+        return (totals[0] / totals[1].clamp(min=1.0)).item()
