@@ -12,12 +12,16 @@ With default settings nothing here runs: advantages and loss are TRL's own, so t
 """
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
 import trl
+from accelerate.utils import gather_object
+from datasets import IterableDataset
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import get_config_model_id
+from trl.trainer.utils import RepeatSampler, get_config_model_id
 
 from ..algos import (
     ADVANTAGES,
@@ -29,6 +33,8 @@ from ..algos import (
     kl_penalty_to_go,
     masked_whiten,
 )
+from ..rewards import OverlongPenalty
+from ..sampling import SurplusBuffer, groups_with_signal, split_rows, stack_rows
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +44,7 @@ TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "
 _PPO_CLIP_AGGREGATION = {"grpo": "seq_mean_token_mean", "dapo": "token_mean", "dr_grpo": "seq_mean_token_sum_norm"}
 # Loss types trl_plus adds: every registered policy loss except the PPO clip that TRL's types already name.
 NEW_LOSS_TYPES = tuple(name for name in POLICY_LOSSES.names() if name != "ppo_clip")
+SURPLUS_BUFFER_FILE = "dynamic_sampling_buffer.pt"
 # Inputs that `_get_per_token_logps_and_entropies` forwards to multimodal models.
 _MODEL_INPUT_KEYS = (
     "pixel_values",
@@ -117,6 +124,38 @@ class GRPOConfig(trl.GRPOConfig):
         default=2e-3, metadata={"help": "KL-Cov: fraction of valid tokens (top by covariance) that get the KL term."}
     )
     kl_cov_coef: float = field(default=1.0, metadata={"help": "KL-Cov: coefficient of |logp - old_logp|."})
+    overlong_buffer_len: int | None = field(
+        default=None,
+        metadata={
+            "help": "DAPO overlong reward shaping (arXiv 2503.14476 eq. 13): the trainer adds "
+            "`trl_plus.rewards.overlong_penalty(max_completion_length, overlong_buffer_len, "
+            "overlong_penalty_factor)` to the reward functions, a linear penalty over the last `overlong_buffer_len` "
+            "tokens of `max_completion_length` (the paper: 4096 of 20480). None (default): off."
+        },
+    )
+    overlong_penalty_factor: float = field(
+        default=1.0, metadata={"help": "Overlong reward shaping: the penalty at max_completion_length (paper: 1.0)."}
+    )
+    dynamic_sampling: bool = field(
+        default=False,
+        metadata={
+            "help": "DAPO dynamic sampling (arXiv 2503.14476 sec. 3.2): drop the groups whose rewards are all equal "
+            "and generate more prompts until the batch holds its number of groups. Surplus groups of the last "
+            "round are kept for the next step."
+        },
+    )
+    max_num_gen_batches: int = field(
+        default=10,
+        metadata={
+            "help": "Dynamic sampling: most generation rounds per step (the first included). When they do not fill "
+            "the batch, the missing groups are masked out of the loss (or an error is raised, see "
+            "`dynamic_sampling_strict`)."
+        },
+    )
+    dynamic_sampling_strict: bool = field(
+        default=False,
+        metadata={"help": "Dynamic sampling: raise instead of training on a partly filled batch."},
+    )
 
     def __post_init__(self):
         self._validate_choices()
@@ -142,6 +181,10 @@ class GRPOConfig(trl.GRPOConfig):
                 raise ValueError(f"`{name}` must be in (0, 1], got {getattr(self, name)}.")
         if self.clip_cov_lb >= self.clip_cov_ub:
             raise ValueError(f"`clip_cov_lb` ({self.clip_cov_lb}) must be < `clip_cov_ub` ({self.clip_cov_ub}).")
+        if self.overlong_buffer_len is not None:
+            OverlongPenalty(self.max_completion_length, self.overlong_buffer_len, self.overlong_penalty_factor)
+        if self.max_num_gen_batches < 1:
+            raise ValueError(f"`max_num_gen_batches` must be >= 1, got {self.max_num_gen_batches}.")
         if self.kl_cov_coef < 0:
             raise ValueError(f"`kl_cov_coef` must be >= 0, got {self.kl_cov_coef}.")
         if self.advantage_estimator == "rloo" and self.num_generations is not None and self.num_generations < 2:
@@ -235,8 +278,16 @@ class GRPOTrainer(trl.GRPOTrainer):
                 f"{type(self).__name__} needs a trl_plus config (e.g. trl_plus.{self.config_class.__name__}), got "
                 f"{type(args).__module__}.{type(args).__name__}."
             )
+        if args.overlong_buffer_len is not None:
+            reward_funcs = self._with_overlong_penalty(reward_funcs, args)
         super().__init__(model, reward_funcs, args, *positional, **kwargs)
+        if args.dynamic_sampling and isinstance(self.train_dataset, IterableDataset):
+            raise ValueError("`dynamic_sampling=True` draws extra prompts by index: use a map-style `Dataset`.")
         self._last_rewards_per_func = None
+        self._surplus = SurplusBuffer(
+            self.num_generations, capacity_groups=args.generation_batch_size // self.num_generations
+        )
+        self._extra_prompt_batches = self._prompt_batch_stream()
         self._policy_loss_hyperparameters = {
             "eps_low": self.epsilon_low,
             "eps_high": self.epsilon_high,
@@ -250,6 +301,15 @@ class GRPOTrainer(trl.GRPOTrainer):
             "kl_cov_coef": args.kl_cov_coef,
         }
 
+    @staticmethod
+    def _with_overlong_penalty(reward_funcs, args: GRPOConfig) -> list:
+        """Append DAPO's overlong penalty to the reward functions, with weight 1 if the user gave weights."""
+        reward_funcs = list(reward_funcs) if isinstance(reward_funcs, list | tuple) else [reward_funcs]
+        if args.reward_weights is not None and len(args.reward_weights) == len(reward_funcs):
+            args.reward_weights = [*args.reward_weights, 1.0]
+        penalty = OverlongPenalty(args.max_completion_length, args.overlong_buffer_len, args.overlong_penalty_factor)
+        return [*reward_funcs, penalty]
+
     # ------------------------------------------------------------------ advantages
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         # TRL returns the rewards of every process; keep them for estimators that need whole groups.
@@ -257,6 +317,25 @@ class GRPOTrainer(trl.GRPOTrainer):
         return self._last_rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
+        mode = "train" if self.model.training else "eval"
+        if self.args.dynamic_sampling and mode == "train":
+            output = self._generate_with_dynamic_sampling(inputs)
+        else:
+            output = self._generate_and_score_round(inputs)
+        if self.args.advantage_estimator in GLOBALLY_WHITENED:
+            mask = output["completion_mask"] * output.get("tool_mask", 1)
+            advantages = output["advantages"]
+            token_advantages = advantages if advantages.dim() == 2 else advantages.unsqueeze(1) * mask
+            output["advantages"] = masked_whiten(token_advantages, mask, self._all_reduce_sum)
+        if self.args.advantage_estimator != "grpo" or self.args.kl_in_reward or self.args.dynamic_sampling:
+            self._log_advantages(output)
+        return output
+
+    def _generate_and_score_round(self, inputs):
+        """TRL's generation and scoring, with this process's advantages replaced by the configured estimator's.
+
+        The result is not yet whitened over the global batch: dynamic sampling changes which rows are in it.
+        """
         output = super()._generate_and_score_completions(inputs)
         if self.args.advantage_estimator != "grpo" or self.args.kl_in_reward:
             output["advantages"] = self._compute_advantages(output)
@@ -269,10 +348,9 @@ class GRPOTrainer(trl.GRPOTrainer):
         return rewards.masked_fill(torch.isnan(rewards_per_func).all(dim=1), torch.nan)
 
     def _compute_advantages(self, output: dict) -> torch.Tensor:
-        """This process's advantages, `(B,)`, or `(B, T)` when KL is in the reward or the estimator whitens tokens."""
+        """This process's advantages, `(B,)`, or `(B, T)` when KL is in the reward."""
         args = self.args
         mode = "train" if self.model.training else "eval"
-        mask = output["completion_mask"] * output.get("tool_mask", 1)
         local_size = output["completion_ids"].size(0)
         if args.advantage_estimator == "grpo":
             advantages = output["advantages"]
@@ -282,14 +360,153 @@ class GRPOTrainer(trl.GRPOTrainer):
             start = self.accelerator.process_index * local_size
             advantages = all_advantages[start : start + local_size]
         if args.kl_in_reward:
+            mask = output["completion_mask"] * output.get("tool_mask", 1)
             kl = KL_ESTIMATORS.get(args.kl_estimator)(self._old_log_probs(output), output["ref_per_token_logps"])
             self._metrics[mode]["kl"].append(self._global_masked_mean(kl, mask))
             advantages = kl_penalty_to_go(advantages, kl, mask, self.beta)
-        if args.advantage_estimator in GLOBALLY_WHITENED:
-            token_advantages = advantages if advantages.dim() == 2 else advantages.unsqueeze(1) * mask
-            advantages = masked_whiten(token_advantages, mask, self._all_reduce_sum)
-        self._log_advantages(advantages, mask)
         return advantages
+
+    # ------------------------------------------------------------------ dynamic sampling
+    def _generate_with_dynamic_sampling(self, inputs):
+        """Generate rounds of prompts until the batch holds its number of groups with a reward signal.
+
+        Every process runs the same rounds (the exit is decided from gathered rewards), then all rows are gathered
+        and each process takes the same number of rows, so collectives and shapes match across processes.
+        """
+        args = self.args
+        group_size = self.num_generations
+        local_size = len(inputs)
+        target_rows = local_size * self.accelerator.num_processes
+        rank_offset = self.accelerator.process_index * local_size
+        buffered_groups = self._surplus.num_groups
+        rounds, num_valid_groups, num_generated_groups = [], buffered_groups, 0
+        round_inputs = inputs
+        for _ in range(args.max_num_gen_batches):
+            output = self._generate_and_score_round(round_inputs)
+            has_signal = groups_with_signal(self._global_rewards(), group_size)  # identical on every process
+            row_has_signal = has_signal[
+                (rank_offset + torch.arange(local_size, device=has_signal.device)) // group_size
+            ]
+            rounds.append((split_rows(self._to_cpu(output), local_size), row_has_signal.tolist()))
+            num_valid_groups += int(has_signal.sum())
+            num_generated_groups += len(has_signal)
+            if num_valid_groups * group_size >= target_rows:
+                break
+            round_inputs = next(self._extra_prompt_batches)
+        else:
+            message = (
+                f"Dynamic sampling: {args.max_num_gen_batches} generation rounds gave {num_valid_groups} groups with "
+                f"a reward signal out of the {target_rows // group_size} needed (max_num_gen_batches)."
+            )
+            if args.dynamic_sampling_strict:
+                raise RuntimeError(message + " Set dynamic_sampling_strict=False to train on a partly filled batch.")
+            logger.warning(message + " The missing groups are masked out of the loss.")
+
+        valid_rows, rows_without_signal = [], []
+        for round_index in range(len(rounds)):  # global order: round, then process, then row
+            for process_rounds in gather_object([rounds]):
+                rows, row_flags = process_rounds[round_index]
+                for row, has_signal in zip(rows, row_flags, strict=True):
+                    (valid_rows if has_signal else rows_without_signal).append(row)
+
+        buffered_rows = self._surplus.take_all()
+        candidates = buffered_rows + valid_rows
+        batch_rows, surplus_rows = candidates[:target_rows], candidates[target_rows:]
+        num_filler_rows = target_rows - len(batch_rows)
+        for row in rows_without_signal[:num_filler_rows]:  # whole groups: masked out of the loss
+            batch_rows.append({**row, "completion_mask": torch.zeros_like(row["completion_mask"])})
+        num_buffered_used = min(len(buffered_rows), target_rows)
+        self._fill_old_log_probs(batch_rows, surplus_rows, num_buffered_used)
+        num_dropped_groups = self._surplus.put(surplus_rows)
+
+        local_rows = batch_rows[rank_offset : rank_offset + local_size]
+        batch = stack_rows(local_rows, self._pad_values)
+        batch = {key: value.to(self.accelerator.device) for key, value in batch.items()}
+        loss_mask = batch["completion_mask"] * batch.get("tool_mask", 1)
+        batch["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
+
+        metrics = self._metrics["train"]
+        metrics["dynamic_sampling/rounds"].append(len(rounds))
+        metrics["dynamic_sampling/groups_generated"].append(num_generated_groups)
+        metrics["dynamic_sampling/groups_kept"].append((target_rows - num_filler_rows) // group_size)
+        metrics["dynamic_sampling/groups_from_buffer"].append(num_buffered_used // group_size)
+        metrics["dynamic_sampling/groups_masked"].append(num_filler_rows // group_size)
+        metrics["dynamic_sampling/groups_dropped"].append(num_dropped_groups)
+        metrics["dynamic_sampling/buffer_size"].append(self._surplus.num_groups)
+        zero_std_groups = len(rows_without_signal) // group_size
+        metrics["dynamic_sampling/zero_std_fraction"].append(zero_std_groups / max(num_generated_groups, 1))
+        return batch
+
+    def _fill_old_log_probs(self, batch_rows: list[dict], surplus_rows: list[dict], num_buffered_used: int) -> None:
+        """Give buffered rows the log-probs of the policy that sampled them, so their ratio is importance-correct.
+
+        Surplus rows are scored now, by the policy that sampled them. When TRL computed no old log-probs (on-policy
+        updates) and the batch mixes buffered rows in, the fresh rows get the current policy's, i.e. ratio 1.
+        Called identically on every process (global rows), so the forward passes match under ZeRO-3 / FSDP.
+        """
+        if self.args.has_old_log_probs:
+            return  # TRL computed them in every round
+        for rows in (surplus_rows, batch_rows[num_buffered_used:] if num_buffered_used else []):
+            if not rows:
+                continue
+            batch = {
+                key: value.to(self.accelerator.device) for key, value in stack_rows(rows, self._pad_values).items()
+            }
+            log_probs = self._old_log_probs(batch).cpu()
+            for row, row_log_probs in zip(rows, log_probs, strict=True):
+                row["old_per_token_logps"] = row_log_probs[: row["completion_ids"].size(0)]
+
+    @property
+    def _pad_values(self) -> dict[str, float]:
+        pad_token_id = self._tokenizer.pad_token_id
+        return {
+            "prompt_ids": pad_token_id,
+            "completion_ids": pad_token_id,
+            "tool_mask": 1,
+            "importance_sampling_ratio": 1,
+        }
+
+    @staticmethod
+    def _to_cpu(batch: dict) -> dict:
+        return {key: value.cpu() if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+    def _prompt_batch_stream(self):
+        """Endless batches of fresh prompts for dynamic-sampling rounds, sharded like the training dataloader.
+
+        A second sampler (its own seed, one repeat) rather than the trainer's dataloader, which the training loop owns.
+        """
+        epoch = 0
+        while True:
+            sampler = RepeatSampler(
+                self.train_dataset,
+                mini_repeat_count=self.num_generations,
+                batch_size=self.args.generation_batch_size // self.num_generations,
+                shuffle=self.shuffle_dataset,
+                seed=self.args.seed + 1 + epoch,
+            )
+            yield from self._get_dataloader(
+                dataset=self.train_dataset,
+                description="Dynamic sampling",
+                batch_size=self._train_batch_size * self.args.steps_per_generation,
+                sampler_fn=lambda _dataset, sampler=sampler: sampler,
+                is_training=True,
+            )
+            epoch += 1
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.dynamic_sampling and self.args.should_save:
+            checkpoint_dir = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            torch.save(self._surplus.state_dict(), os.path.join(checkpoint_dir, SURPLUS_BUFFER_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = os.path.join(checkpoint, SURPLUS_BUFFER_FILE) if checkpoint is not None else None
+        if self.args.dynamic_sampling and path is not None and os.path.exists(path):
+            self._surplus.load_state_dict(torch.load(path, weights_only=True))
 
     def _old_log_probs(self, output: dict) -> torch.Tensor:
         """Log-probs of the sampling policy: TRL's when it computed them, otherwise one no-grad forward pass."""
@@ -307,8 +524,10 @@ class GRPOTrainer(trl.GRPOTrainer):
             )
         return log_probs
 
-    def _log_advantages(self, advantages: torch.Tensor, mask: torch.Tensor) -> None:
+    def _log_advantages(self, output: dict) -> None:
         """Show the advantages actually trained on (per-sequence mean for token advantages) in the completions log."""
+        advantages = output["advantages"]
+        mask = output["completion_mask"] * output.get("tool_mask", 1)
         if advantages.dim() == 2:
             advantages = (advantages * mask).sum(-1) / mask.sum(-1).clamp(min=1)
         gathered = self.accelerator.gather(advantages).tolist()
