@@ -322,8 +322,10 @@ class GRPOTrainer(trl.GRPOTrainer):
             output = self._generate_with_dynamic_sampling(inputs)
         else:
             output = self._generate_and_score_round(inputs)
+        is_scored = output.pop("is_scored", None)
         if self.args.advantage_estimator in GLOBALLY_WHITENED:
-            mask = output["completion_mask"] * output.get("tool_mask", 1)
+            # Completions no reward function scored carry no signal: out of the statistics, advantage 0.
+            mask = output["completion_mask"] * output.get("tool_mask", 1) * is_scored.unsqueeze(1)
             advantages = output["advantages"]
             token_advantages = advantages if advantages.dim() == 2 else advantages.unsqueeze(1) * mask
             output["advantages"] = masked_whiten(token_advantages, mask, self._all_reduce_sum)
@@ -339,7 +341,14 @@ class GRPOTrainer(trl.GRPOTrainer):
         output = super()._generate_and_score_completions(inputs)
         if self.args.advantage_estimator != "grpo" or self.args.kl_in_reward:
             output["advantages"] = self._compute_advantages(output)
+        output["is_scored"] = ~torch.isnan(self._local_rows(self._global_rewards(), output))
         return output
+
+    def _local_rows(self, global_values: torch.Tensor, output: dict) -> torch.Tensor:
+        """This process's slice of values computed for every process's rows (TRL gathers them in rank order)."""
+        local_size = output["completion_ids"].size(0)
+        start = self.accelerator.process_index * local_size
+        return global_values[start : start + local_size]
 
     def _global_rewards(self) -> torch.Tensor:
         """Weighted sum of the gathered rewards, `(N,)`; NaN where no reward function scored the completion."""
@@ -351,14 +360,12 @@ class GRPOTrainer(trl.GRPOTrainer):
         """This process's advantages, `(B,)`, or `(B, T)` when KL is in the reward."""
         args = self.args
         mode = "train" if self.model.training else "eval"
-        local_size = output["completion_ids"].size(0)
         if args.advantage_estimator == "grpo":
             advantages = output["advantages"]
         else:
             num_generations = self.num_generations if mode == "train" else self.num_generations_eval
             all_advantages = ADVANTAGES.get(args.advantage_estimator)(self._global_rewards(), num_generations)
-            start = self.accelerator.process_index * local_size
-            advantages = all_advantages[start : start + local_size]
+            advantages = self._local_rows(all_advantages, output)
         if args.kl_in_reward:
             mask = output["completion_mask"] * output.get("tool_mask", 1)
             kl = KL_ESTIMATORS.get(args.kl_estimator)(self._old_log_probs(output), output["ref_per_token_logps"])

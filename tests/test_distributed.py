@@ -1,0 +1,211 @@
+"""A real 2-process run of `trl_plus.GRPOTrainer` (torchrun, gloo on CPU) against the single-process result.
+
+`tests/distributed/check_two_process.py` (its docstring has the details) runs each trainer configuration through TRL's
+real `_generate_and_score_completions` (fixed completions from a `rollout_func`, fixed rewards) and `_compute_loss`
+plus `backward`, on two layouts of the same 12 completions, and saves per sample id the token advantages and the
+process-averaged (as DDP) gradient. It runs twice here: once with `python` (1 process) and once with
+`torchrun --nproc_per_node 2` (`accelerate launch --cpu --num_processes 2` would start only one process). Each run
+checks itself against the definitions (REINFORCE++ whitening over the global batch, token_mean over the global token
+count); the tests below also compare the runs with each other.
+"""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.testing import assert_close
+
+SCRIPT = Path(__file__).parent / "distributed" / "check_two_process.py"
+TIMEOUT_S = 300
+ADVANTAGE_ATOL = 1e-5
+GRAD_ATOL, GRAD_RTOL = 1e-6, 1e-4  # gradient entries are up to ~0.2; observed differences ~1e-7
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
+)
+
+
+def _load_script_module():
+    spec = importlib.util.spec_from_file_location("check_two_process", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+script = _load_script_module()  # for its constants: CONFIGS, LAYOUTS
+
+
+def _run(command: list[str]) -> tuple[int, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TRL_EXPERIMENTAL_SILENCE": "1"}
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
+    try:
+        output, _ = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # torchrun and its workers: the session this test started
+        output, _ = process.communicate()
+        pytest.fail(f"{command} ran over {TIMEOUT_S} s:\n{output[-5000:]}")
+    return process.returncode, output
+
+
+def _load(out_dir: Path, rank: int) -> tuple[dict, dict]:
+    summary = json.loads((out_dir / f"rank{rank}.json").read_text())
+    return summary, torch.load(out_dir / f"rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_path, tmp_path_factory):
+    """{"single": [rank 0], "two": [rank 0, rank 1]}, each (summary, tensors); both runs must exit 0."""
+    root = tmp_path_factory.mktemp("distributed")
+    commands = {
+        "single": [sys.executable, str(SCRIPT), tiny_model_path, str(root / "single")],
+        "two": [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",  # rendezvous on a free port the OS picks
+            "--nproc_per_node",
+            "2",
+            str(SCRIPT),
+            tiny_model_path,
+            str(root / "two"),
+        ],
+    }
+    results = {}
+    for name, command in commands.items():
+        returncode, output = _run(command)
+        assert returncode == 0, f"{name} run exited {returncode}:\n{output[-8000:]}"
+        num_ranks = 1 if name == "single" else 2
+        missing = [rank for rank in range(num_ranks) if not (root / name / f"rank{rank}.json").exists()]
+        assert not missing, f"{name} run: ranks {missing} wrote no results:\n{output[-8000:]}"
+        results[name] = [_load(root / name, rank) for rank in range(num_ranks)]
+    return results
+
+
+def test_two_processes_really_ran(runs):
+    for rank, (summary, _) in enumerate(runs["two"]):
+        assert summary["world_size"] == 2
+        assert summary["num_processes"] == 2  # trainer.accelerator.num_processes
+        assert summary["process_index"] == rank
+        assert summary["distributed_type"] == "DistributedType.MULTI_CPU"
+        assert summary["backend"] == "gloo"
+    single, _ = runs["single"][0]
+    assert single["num_processes"] == 1 and single["backend"] is None
+
+
+def test_every_run_matches_the_definitions(runs):
+    """Each process's own checks: advantages, gradients, loss and token count against the full-batch math."""
+    kinds = ("advantages", "grad", "loss", "num_items_in_batch", "padding_advantages")
+    layouts = [f"{config}/{layout}" for config in script.CONFIGS for layout in script.LAYOUTS]
+    expected = {f"{kind}/{config_layout}" for kind in kinds for config_layout in layouts}
+    assert len(expected) == 5 * 4 * 2
+    for name, ranks in runs.items():
+        for summary, _ in ranks:
+            checks = summary["checks"]
+            assert expected <= set(checks), f"{name}: checks missing: {expected - set(checks)}"
+            failed = {key: value for key, value in checks.items() if not value["ok"]}
+            assert not failed, f"{name} rank {summary['rank']} mismatches: {failed}"
+            assert summary["failures"] == []
+
+
+def test_masked_whiten_with_all_reduce_equals_full_batch(runs):
+    for summary, _ in runs["two"]:
+        for name in ("masked_whiten/all_reduce_vs_full", "masked_whiten/full_vs_definition"):
+            result = summary["checks"][name]
+            assert result["ok"], (name, result)
+            assert result["max_abs_err"] <= 1e-5 and result["max_abs_expected"] > 1.0
+
+
+def test_layouts_split_tokens_differently_and_a_group_straddles(runs):
+    """The two layouts really put different rows, token counts and padding widths on each process."""
+    _, rank0 = runs["two"][0]
+    _, rank1 = runs["two"][1]
+    in_order = "groups_in_order"
+    rotated = "groups_rotated_rows_reversed"
+    for config in script.CONFIGS:
+        first, second = rank0["results"][config], rank1["results"][config]
+        # groups_in_order: process 0 has samples 0-5 (1+2+3+2+5+3 = 16 tokens, padded to 5),
+        # process 1 samples 6-11 (8+4+7+6+8+5 = 38 tokens, padded to 8); group 1 (samples 4-7) straddles.
+        assert first[in_order]["local_samples"] == [0, 1, 2, 3, 4, 5]
+        assert (first[in_order]["local_valid_tokens"], first[in_order]["local_width"]) == (16, 5)
+        assert (second[in_order]["local_valid_tokens"], second[in_order]["local_width"]) == (38, 8)
+        # rotated: process 0 has samples 11, 10, 9, 8, 3, 2 (5+8+6+7+2+3 = 31), process 1 the other 23 tokens;
+        # group 0 (samples 0-3) straddles.
+        assert first[rotated]["local_samples"] == [11, 10, 9, 8, 3, 2]
+        assert (first[rotated]["local_valid_tokens"], second[rotated]["local_valid_tokens"]) == (31, 23)
+        for layout in script.LAYOUTS:
+            assert first[layout]["num_items_in_batch"] == second[layout]["num_items_in_batch"] == 54.0
+
+
+@pytest.mark.parametrize("config", list(script.CONFIGS))
+def test_advantages_equal_single_process_and_do_not_depend_on_the_split(runs, config):
+    _, single = runs["single"][0]
+    reference = single["results"][config]["groups_in_order"]["advantages"]
+    assert reference.abs().max() > 1.0  # whitened: unit variance over the valid tokens
+    mask = single["samples"]["completion_mask"].bool()
+    assert_close(reference[mask].var(unbiased=False), torch.tensor(1.0), atol=1e-5, rtol=0)
+    assert_close(reference[mask].mean(), torch.tensor(0.0), atol=1e-6, rtol=0)
+    for rank, (_, tensors) in enumerate(runs["two"]):
+        for layout in script.LAYOUTS:
+            advantages = tensors["results"][config][layout]["advantages"]
+            message = f"{config}, layout {layout}, rank {rank}: 2-process advantages differ from 1-process"
+            assert_close(advantages, reference, atol=ADVANTAGE_ATOL, rtol=0, msg=message)
+    for layout in script.LAYOUTS:  # the single-process run on the other layout too
+        assert_close(single["results"][config][layout]["advantages"], reference, atol=ADVANTAGE_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("config", list(script.CONFIGS))
+def test_token_mean_gradient_equals_single_process_and_does_not_depend_on_the_split(runs, config):
+    _, single = runs["single"][0]
+    reference = single["results"][config]["groups_in_order"]["grad"]
+    assert reference.norm() > 0.1
+    reference_loss = single["results"][config]["groups_in_order"]["loss"]
+    for rank, (_, tensors) in enumerate(runs["two"]):
+        for layout in script.LAYOUTS:
+            result = tensors["results"][config][layout]
+            message = f"{config}, layout {layout}, rank {rank}: averaged 2-process gradient differs from 1-process"
+            assert_close(result["grad"], reference, atol=GRAD_ATOL, rtol=GRAD_RTOL, msg=message)
+            assert_close(result["loss"], reference_loss, atol=1e-6, rtol=0)
+    for layout in script.LAYOUTS:
+        assert_close(single["results"][config][layout]["grad"], reference, atol=GRAD_ATOL, rtol=GRAD_RTOL)
+
+
+def test_registry_token_mean_equals_trl_dapo(runs):
+    """loss_aggregation='token_mean' (trl_plus registry) and TRL's own 'dapo' give the same gradient."""
+    for name, ranks in runs.items():
+        for summary, tensors in ranks:
+            assert summary["configs"]["reinforce_pp/dapo"]["registry_policy_loss"] is None  # TRL's _compute_loss
+            assert summary["configs"]["reinforce_pp/token_mean"]["registry_policy_loss"] == "ppo_clip"
+            for layout in script.LAYOUTS:
+                dapo = tensors["results"]["reinforce_pp/dapo"][layout]["grad"]
+                registry = tensors["results"]["reinforce_pp/token_mean"][layout]["grad"]
+                assert_close(registry, dapo, atol=GRAD_ATOL, rtol=GRAD_RTOL, msg=f"{name}, {layout}")
+
+
+def test_kl_in_reward_and_baseline_change_the_advantages(runs):
+    """Guards against vacuous checks: the KL term and the group baseline move the advantages measurably."""
+    _, tensors = runs["two"][0]
+    results = tensors["results"]
+    plain = results["reinforce_pp/dapo"]["groups_in_order"]["advantages"]
+    with_kl = results["reinforce_pp/kl_in_reward"]["groups_in_order"]["advantages"]
+    baseline = results["reinforce_pp_baseline/token_mean"]["groups_in_order"]["advantages"]
+    assert tensors["reference"]["reinforce_pp/kl_in_reward"]["kl_max"] > 0.1
+    assert (with_kl - plain).abs().max() > 1e-2
+    assert (baseline - plain).abs().max() > 1e-1
+
+
+def test_both_processes_hold_the_same_reduced_results(runs):
+    (_, rank0), (_, rank1) = runs["two"]
+    for config in script.CONFIGS:
+        for layout in script.LAYOUTS:
+            first, second = rank0["results"][config][layout], rank1["results"][config][layout]
+            assert torch.equal(first["advantages"], second["advantages"])
+            assert torch.equal(first["grad"], second["grad"])
