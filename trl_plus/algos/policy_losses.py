@@ -11,12 +11,15 @@ from .registry import Registry
 
 POLICY_LOSSES = Registry("policy loss")
 
-# exp() of a log-ratio beyond this overflows float16/bfloat16 and turns a clipped (zero-gradient) token into NaN.
+# Bounds exp() of the log-ratio, so a clipped (zero-gradient) token can never backpropagate 0 * inf = NaN.
 MAX_LOG_RATIO = 20.0
 
 
 def _ratio(log_prob: torch.Tensor, old_log_prob: torch.Tensor) -> torch.Tensor:
-    return torch.exp(torch.clamp(log_prob - old_log_prob, -MAX_LOG_RATIO, MAX_LOG_RATIO))
+    """exp(logp - old_logp) in at least float32: float16 overflows past e^11, and ASPO squares the ratio."""
+    log_ratio = log_prob - old_log_prob
+    log_ratio = log_ratio.to(torch.promote_types(log_ratio.dtype, torch.float32))
+    return torch.exp(torch.clamp(log_ratio, -MAX_LOG_RATIO, MAX_LOG_RATIO))
 
 
 @POLICY_LOSSES.register("ppo_clip")
