@@ -16,13 +16,14 @@ AGGREGATIONS = Registry("loss aggregation")
 def token_mean(per_token_loss: torch.Tensor, mask: torch.Tensor, *, num_tokens: torch.Tensor | None = None):
     """Sum of the loss over valid tokens / `num_tokens` (DAPO, arXiv 2503.14476 eq. 8; TRL `loss_type="dapo"`).
 
-    `num_tokens` defaults to this batch's own count of valid tokens.
+    `num_tokens` defaults to this batch's own count of valid tokens (at least 1).
 
     >>> token_mean(torch.tensor([[1.0, 3.0], [5.0, 7.0]]), torch.tensor([[1, 1], [1, 0]]))
     tensor(3.)
     """
-    num_tokens = mask.sum() if num_tokens is None else num_tokens
-    return (per_token_loss * mask).sum() / torch.as_tensor(num_tokens, dtype=per_token_loss.dtype).clamp(min=1.0)
+    # A given count is used as is: a share of the global count can be < 1 when this window holds few tokens.
+    num_tokens = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
+    return (per_token_loss * mask).sum() / num_tokens
 
 
 @AGGREGATIONS.register("seq_mean_token_mean")

@@ -1,0 +1,320 @@
+"""What trl_plus relies on from TRL 1.16's `GRPOTrainer`, pinned so that a TRL upgrade fails here, loudly.
+
+trl_plus wraps private TRL methods through `super()` (DESIGN.md, "Hard facts about TRL 1.16 internals"): their names,
+signatures, the attributes `__init__` sets and the keys of the batch dict are its contract with TRL.
+"""
+
+import collections
+import inspect
+import re
+
+import pytest
+import torch
+import trl
+from conftest import digit_reward, make_config
+from transformers import set_seed
+from trl.trainer.utils import RepeatSampler
+
+from trl_plus.trainer.grpo import _MODEL_INPUT_KEYS, TRL_LOSS_TYPES
+
+
+def length_reward(completions, **kwargs):
+    """Characters in the completion; None (unscorable) for an empty one."""
+    return [float(len(completion)) if completion else None for completion in completions]
+
+
+def _trl_trainer(model_path, dataset, output_dir, trainer_class=trl.GRPOTrainer, **overrides):
+    args = make_config(trl.GRPOConfig, output_dir, **overrides)
+    return trainer_class(model_path, reward_funcs=[digit_reward, length_reward], args=args, train_dataset=dataset)
+
+
+def _generation_batch(trainer, seed=0):
+    """One generation batch from the training dataloader: per_device_train_batch_size * steps_per_generation rows."""
+    trainer.model.train()
+    set_seed(seed)
+    return next(iter(trainer.get_train_dataloader()))
+
+
+def _parameter_names(function) -> list[str]:
+    return list(inspect.signature(function).parameters)
+
+
+def test_trl_version():
+    assert trl.__version__.startswith("1.16")
+
+
+# ---------------------------------------------------------------------------------------------- signatures
+
+
+@pytest.mark.parametrize(
+    ("method", "parameters"),
+    [
+        ("_generate_and_score_completions", ["self", "inputs"]),
+        ("_calculate_rewards", ["self", "inputs", "prompts", "completions", "completion_ids_list"]),
+        ("_compute_loss", ["self", "model", "inputs"]),
+        ("compute_loss", ["self", "model", "inputs", "return_outputs", "num_items_in_batch"]),
+        ("_prepare_inputs", ["self", "generation_batch"]),
+        ("_save_checkpoint", ["self", "model", "trial"]),
+        ("_load_optimizer_and_scheduler", ["self", "checkpoint"]),
+    ],
+)
+def test_private_method_signatures(method, parameters):
+    assert _parameter_names(getattr(trl.GRPOTrainer, method)) == parameters
+
+
+def test_get_per_token_logps_and_entropies_signature():
+    signature = inspect.signature(trl.GRPOTrainer._get_per_token_logps_and_entropies)
+    names = list(signature.parameters)
+    assert names[:8] == [
+        "self",
+        "model",
+        "input_ids",
+        "attention_mask",
+        "logits_to_keep",
+        "batch_size",
+        "compute_entropy",
+        "compute_aux_loss",
+    ]
+    # trl_plus forwards every multimodal input by keyword.
+    assert set(_MODEL_INPUT_KEYS) <= set(names[8:])
+    for name in ["batch_size", "compute_entropy", "compute_aux_loss", *_MODEL_INPUT_KEYS]:
+        assert signature.parameters[name].default in (None, False)
+
+
+def test_init_positional_order():
+    # trl_plus.GRPOTrainer.__init__(model, reward_funcs, args, *positional, **kwargs) forwards positionals unchanged.
+    assert _parameter_names(trl.GRPOTrainer.__init__)[:7] == [
+        "self",
+        "model",
+        "reward_funcs",
+        "args",
+        "train_dataset",
+        "eval_dataset",
+        "processing_class",
+    ]
+
+
+def test_repeat_sampler_signature():
+    # Dynamic sampling draws extra prompts with its own RepeatSampler.
+    assert _parameter_names(RepeatSampler.__init__) == [
+        "self",
+        "data_source",
+        "mini_repeat_count",
+        "batch_size",
+        "repeat_count",
+        "shuffle",
+        "seed",
+    ]
+
+
+def test_loss_is_scaled_for_gradient_accumulation():
+    # `_compute_loss` divides by the accumulation steps itself; trl_plus's registry loss does the same.
+    assert trl.GRPOTrainer.loss_is_scaled_for_ga is True
+
+
+def test_trl_loss_types_are_the_ones_trl_plus_keeps():
+    help_text = {f.name: f for f in trl.GRPOConfig.__dataclass_fields__.values()}["loss_type"].metadata["help"]
+    supported = re.search(r"Supported values are (.*?)\.", help_text).group(1)
+    assert set(re.findall(r"'(\w+)'", supported)) == set(TRL_LOSS_TYPES)
+    source = inspect.getsource(trl.GRPOTrainer._compute_loss)
+    for loss_type in TRL_LOSS_TYPES:
+        assert f'"{loss_type}"' in source
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "epsilon",
+        "epsilon_high",
+        "beta",
+        "loss_type",
+        "scale_rewards",
+        "importance_sampling_level",
+        "top_entropy_quantile",
+        "off_policy_mask_threshold",
+        "entropy_coef",
+        "use_adaptive_entropy",
+        "delta",
+        "multi_objective_aggregation",
+        "use_bias_correction_kl",
+        "mask_truncated_completions",
+        "steps_per_generation",
+        "generation_batch_size",
+        "num_iterations",
+        "use_vllm",
+        "vllm_importance_sampling_correction",
+        "reward_weights",
+        "num_generations_eval",
+    ],
+)
+def test_config_fields_trl_plus_reads(field):
+    assert field in trl.GRPOConfig.__dataclass_fields__
+
+
+# ---------------------------------------------------------------------------------------------- a built trainer
+
+
+def test_attributes_set_in_init(tiny_model_path, prompt_dataset, tmp_path):
+    trainer = _trl_trainer(
+        tiny_model_path,
+        prompt_dataset,
+        tmp_path,
+        beta=0.1,
+        epsilon=0.25,
+        epsilon_high=0.3,
+        reward_weights=[1.0, 0.5],
+        per_device_train_batch_size=4,
+        steps_per_generation=2,
+    )
+    assert trainer.epsilon_low == 0.25 and trainer.epsilon_high == 0.3
+    assert trainer.beta == 0.1 and trainer.ref_model is not None
+    assert trainer.num_generations == 4 and trainer.num_generations_eval == 4  # defaults to num_generations
+    torch.testing.assert_close(trainer.reward_weights, torch.tensor([1.0, 0.5]))
+    assert trainer.max_completion_length == 8
+    assert trainer.aux_loss_enabled is False
+    assert trainer.use_vllm is False
+    assert trainer.vllm_importance_sampling_correction is True  # TRL's default; only read with use_vllm
+    assert set(trainer._metrics) == {"train", "eval"}
+    assert isinstance(trainer._metrics["train"], collections.defaultdict)
+    assert trainer._metrics["train"]["anything"] == []
+    assert isinstance(trainer._logs["advantages"], collections.deque)
+    assert trainer._logs["advantages"].maxlen == 8  # the generation batch: 4 rows x 2 steps per generation
+    assert trainer._tokenizer.pad_token_id == 0
+    assert trainer._train_batch_size == 4
+    assert trainer.shuffle_dataset is True
+    assert trainer._name == "GRPO"
+    assert callable(trainer._get_dataloader)
+
+    trainer_without_kl = _trl_trainer(tiny_model_path, prompt_dataset, tmp_path / "no-kl")
+    assert trainer_without_kl.ref_model is None
+    torch.testing.assert_close(trainer_without_kl.reward_weights, torch.ones(2))
+    assert trainer_without_kl.epsilon_high == trainer_without_kl.epsilon_low == 0.2  # epsilon_high None -> epsilon
+
+
+def test_current_gradient_accumulation_steps_is_set_by_the_training_loop(tiny_model_path, prompt_dataset, tmp_path):
+    # Not an __init__ attribute: transformers' training loop sets it before each optimizer step, and TRL's
+    # `_compute_loss` (and trl_plus's) reads it in train mode.
+    trainer = _trl_trainer(
+        tiny_model_path,
+        prompt_dataset,
+        tmp_path,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=1,
+    )
+    trainer.train()
+    assert trainer.current_gradient_accumulation_steps == 2
+
+
+def test_generate_and_score_output_keys_on_policy(tiny_model_path, prompt_dataset, tmp_path):
+    trainer = _trl_trainer(tiny_model_path, prompt_dataset, tmp_path)
+    output = trainer._generate_and_score_completions(_generation_batch(trainer))
+    assert set(output) == {
+        "prompt_ids",
+        "prompt_mask",
+        "completion_ids",
+        "completion_mask",
+        "advantages",
+        "num_items_in_batch",
+    }
+    batch_size, length = output["completion_ids"].shape
+    assert batch_size == 8 and 1 <= length <= 8
+    assert output["prompt_ids"].shape == output["prompt_mask"].shape and output["prompt_ids"].size(0) == 8
+    assert output["completion_mask"].shape == (8, length)
+    assert output["advantages"].shape == (8,)
+    assert output["num_items_in_batch"].dim() == 0
+    assert output["num_items_in_batch"].item() == output["completion_mask"].sum().item()
+    # Groups of num_generations: GRPO advantages sum to ~0 within each group.
+    torch.testing.assert_close(output["advantages"].view(2, 4).sum(1), torch.zeros(2), atol=1e-4, rtol=0)
+
+
+def test_generate_and_score_output_keys_off_policy_with_kl(tiny_model_path, prompt_dataset, tmp_path):
+    # gradient_accumulation_steps (1) % (steps_per_generation * num_iterations) (2) != 0: TRL computes the sampling
+    # policy's log-probs, the rule `trl_plus.GRPOConfig.has_old_log_probs` mirrors.
+    trainer = _trl_trainer(tiny_model_path, prompt_dataset, tmp_path, beta=0.1, num_iterations=2)
+    output = trainer._generate_and_score_completions(_generation_batch(trainer))
+    assert {"old_per_token_logps", "ref_per_token_logps"} <= set(output)
+    shape = output["completion_ids"].shape
+    assert output["old_per_token_logps"].shape == shape and output["ref_per_token_logps"].shape == shape
+    # The policy has not been updated and is the reference model's copy: both log-probs coincide on valid tokens.
+    mask = output["completion_mask"].bool()
+    torch.testing.assert_close(output["old_per_token_logps"][mask], output["ref_per_token_logps"][mask])
+    assert (output["old_per_token_logps"][mask] < 0).all()
+
+
+def test_calculate_rewards_shape_and_unscorable_nan(tiny_model_path, prompt_dataset, tmp_path):
+    trainer = _trl_trainer(tiny_model_path, prompt_dataset, tmp_path)
+    trainer.model.train()
+    inputs = _generation_batch(trainer)
+    prompts = [example["prompt"] for example in inputs]
+    completions = ["12", "", "a1b2c3", "x", "", "9", "zz", "1"]
+    completion_ids = [[3 + int(ch, 36) for ch in completion] for completion in completions]
+    rewards = trainer._calculate_rewards(inputs, prompts, completions, completion_ids)
+    # (num_processes * local batch, num reward functions), gathered from every process.
+    assert rewards.shape == (trainer.accelerator.num_processes * len(inputs), 2)
+    expected_digits = torch.tensor([2.0, 0.0, 3.0, 0.0, 0.0, 1.0, 0.0, 1.0])
+    torch.testing.assert_close(rewards[:, 0], expected_digits)
+    nan = float("nan")
+    torch.testing.assert_close(rewards[:, 1], torch.tensor([2.0, nan, 6.0, 1.0, nan, 1.0, 2.0, 1.0]), equal_nan=True)
+
+
+def test_hooks_are_called_through_self(tiny_model_path, prompt_dataset, tmp_path):
+    # trl_plus overrides `_calculate_rewards`, `_generate_and_score_completions` and `_compute_loss`; TRL must keep
+    # calling them through `self` (not a module function or a name-mangled copy) for the overrides to take effect.
+    calls = collections.Counter()
+
+    class Recording(trl.GRPOTrainer):
+        def _calculate_rewards(self, *args):
+            calls["_calculate_rewards"] += 1
+            return super()._calculate_rewards(*args)
+
+        def _generate_and_score_completions(self, inputs):
+            calls["_generate_and_score_completions"] += 1
+            return super()._generate_and_score_completions(inputs)
+
+        def _compute_loss(self, model, inputs):
+            calls["_compute_loss"] += 1
+            return super()._compute_loss(model, inputs)
+
+    trainer = _trl_trainer(
+        tiny_model_path,
+        prompt_dataset,
+        tmp_path,
+        trainer_class=Recording,
+        per_device_train_batch_size=4,
+        steps_per_generation=2,
+        max_steps=3,
+    )
+    trainer.train()
+    # 3 optimizer steps of one micro-batch each; a generation batch serves steps_per_generation = 2 micro-batches.
+    assert calls == {"_calculate_rewards": 2, "_generate_and_score_completions": 2, "_compute_loss": 3}
+
+
+def test_prepare_inputs_splits_generation_batch(tiny_model_path, prompt_dataset, tmp_path):
+    trainer = _trl_trainer(
+        tiny_model_path, prompt_dataset, tmp_path, per_device_train_batch_size=4, steps_per_generation=2
+    )
+    trainer._step, trainer._buffered_inputs = 0, None
+    micro_batch = trainer._prepare_inputs(_generation_batch(trainer))
+    assert len(trainer._buffered_inputs) == 2  # steps_per_generation slices of per_device_train_batch_size rows
+    assert micro_batch is trainer._buffered_inputs[0]
+    assert all(piece["completion_ids"].size(0) == 4 for piece in trainer._buffered_inputs)
+    # num_items_in_batch is a per-generation-batch scalar shared by the slices.
+    total = sum(piece["completion_mask"].sum() for piece in trainer._buffered_inputs)
+    assert micro_batch["num_items_in_batch"].item() == total.item()
+
+
+def test_mask_truncated_completions_zeroes_completion_mask(tiny_model_path, prompt_dataset, tmp_path):
+    # trl_plus's losses and estimators read the loss mask from `completion_mask`: TRL's overlong filtering must
+    # act there.
+    trainer = _trl_trainer(
+        tiny_model_path,
+        prompt_dataset,
+        tmp_path,
+        mask_truncated_completions=True,
+        generation_kwargs={"suppress_tokens": [0, 1]},  # no <pad>, no <eos>: every completion is truncated
+    )
+    output = trainer._generate_and_score_completions(_generation_batch(trainer))
+    assert output["completion_ids"].shape == (8, 8)
+    assert output["completion_mask"].sum().item() == 0
+    assert output["num_items_in_batch"].item() == 0
