@@ -11,6 +11,8 @@ from .trainer import (
     GSPOTrainer,
     ReinforcePPConfig,
     ReinforcePPTrainer,
+    ReMaxConfig,
+    ReMaxTrainer,
     RLOOConfig,
     RLOOTrainer,
 )
@@ -28,6 +30,8 @@ __all__ = [
     "GSPOTrainer",
     "RLOOConfig",
     "RLOOTrainer",
+    "ReMaxConfig",
+    "ReMaxTrainer",
     "ReinforcePPConfig",
     "ReinforcePPTrainer",
 ]

@@ -8,6 +8,7 @@ from .advantages import (
     masked_whiten,
     reinforce_pp_advantages,
     reinforce_pp_baseline_advantages,
+    remax_advantages,
     rloo_advantages,
 )
 from .aggregation import AGGREGATIONS, seq_mean_token_mean, seq_mean_token_sum_norm, token_mean
@@ -35,6 +36,7 @@ __all__ = [
     "ppo_clip_loss",
     "reinforce_pp_advantages",
     "reinforce_pp_baseline_advantages",
+    "remax_advantages",
     "rloo_advantages",
     "seq_mean_token_mean",
     "seq_mean_token_sum_norm",

@@ -87,6 +87,22 @@ def reinforce_pp_baseline_advantages(rewards: torch.Tensor, group_size: int):
     return torch.nan_to_num(rewards - mean, nan=0.0)
 
 
+@ADVANTAGES.register("remax")
+def remax_advantages(rewards: torch.Tensor, group_size: int):
+    """ReMax (arXiv 2310.10505 eq. 7): A_i = r_i - r(x, y_greedy), the greedy decode's reward as the baseline.
+
+    The LAST completion of each group is the greedy decode: it is the baseline and gets advantage 0 (the trainer also
+    keeps it out of the loss).
+
+    >>> remax_advantages(torch.tensor([1.0, 0.0, 0.5, 2.0, 2.0, 1.0]), 3)
+    tensor([ 0.5000, -0.5000,  0.0000,  1.0000,  1.0000,  0.0000])
+    """
+    grouped = rewards.view(-1, group_size)
+    advantages = grouped - grouped[:, -1:]
+    advantages[:, -1] = 0.0
+    return torch.nan_to_num(advantages.reshape(-1), nan=0.0)
+
+
 def kl_penalty_to_go(advantages: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
     """Fold a per-token KL penalty into the reward with gamma = 1 (REINFORCE++, arXiv 2501.03262 eq. 3-4).
 

@@ -8,6 +8,8 @@ from .presets import (
     GSPOTrainer,
     ReinforcePPConfig,
     ReinforcePPTrainer,
+    ReMaxConfig,
+    ReMaxTrainer,
     RLOOConfig,
     RLOOTrainer,
 )
@@ -23,6 +25,8 @@ __all__ = [
     "GSPOTrainer",
     "RLOOConfig",
     "RLOOTrainer",
+    "ReMaxConfig",
+    "ReMaxTrainer",
     "ReinforcePPConfig",
     "ReinforcePPTrainer",
 ]

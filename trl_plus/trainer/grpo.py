@@ -34,7 +34,14 @@ from ..algos import (
     masked_whiten,
 )
 from ..rewards import OverlongPenalty
-from ..sampling import SurplusBuffer, groups_with_signal, split_rows, stack_rows
+from ..sampling import (
+    SurplusBuffer,
+    greedy_row_mask,
+    greedy_rows_in_generate,
+    groups_with_signal,
+    split_rows,
+    stack_rows,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +87,9 @@ class GRPOConfig(trl.GRPOConfig):
             "help": f"How advantages are computed from rewards; one of {ADVANTAGES.names()}. 'grpo' (default) is "
             "TRL's own computation (`scale_rewards` applies to it only). 'rloo': exact leave-one-out baseline "
             "(arXiv 2402.14740). 'reinforce_pp': REINFORCE++, no baseline, advantages z-scored over every valid "
-            "token of the global batch (arXiv 2501.03262). 'reinforce_pp_baseline': group mean subtracted first."
+            "token of the global batch (arXiv 2501.03262). 'reinforce_pp_baseline': group mean subtracted first. "
+            "'remax': the last completion of each group is decoded greedily in the same generate call and its "
+            "reward is the baseline of the other num_generations - 1; it is not trained on (arXiv 2310.10505)."
         },
     )
     dual_clip_c: float | None = field(
@@ -192,6 +201,11 @@ class GRPOConfig(trl.GRPOConfig):
                 f"advantage_estimator='rloo' needs num_generations >= 2 (the baseline of a completion is the mean "
                 f"of the others in its group), got {self.num_generations}."
             )
+        if self.advantage_estimator == "remax" and (self.use_vllm or self.use_transformers_continuous_batching):
+            raise ValueError(
+                "advantage_estimator='remax' decodes its greedy baseline inside transformers' `generate`; "
+                "use_vllm and use_transformers_continuous_batching are not supported with it yet."
+            )
         if self.kl_in_reward and self.beta == 0.0:
             raise ValueError("`kl_in_reward=True` needs `beta > 0`: beta weighs the KL penalty in the reward.")
         if self.kl_estimator != "k3" and self.beta == 0.0:
@@ -281,6 +295,8 @@ class GRPOTrainer(trl.GRPOTrainer):
         if args.overlong_buffer_len is not None:
             reward_funcs = self._with_overlong_penalty(reward_funcs, args)
         super().__init__(model, reward_funcs, args, *positional, **kwargs)
+        if args.advantage_estimator == "remax" and self.tools:
+            raise ValueError("advantage_estimator='remax' does not support tool calling: greedy rows are by position.")
         if args.dynamic_sampling and isinstance(self.train_dataset, IterableDataset):
             raise ValueError("`dynamic_sampling=True` draws extra prompts by index: use a map-style `Dataset`.")
         self._last_rewards_per_func = None
@@ -341,8 +357,36 @@ class GRPOTrainer(trl.GRPOTrainer):
         output = super()._generate_and_score_completions(inputs)
         if self.args.advantage_estimator != "grpo" or self.args.kl_in_reward:
             output["advantages"] = self._compute_advantages(output)
+        if self.args.advantage_estimator == "remax":
+            self._mask_greedy_rows(output)
         output["is_scored"] = ~torch.isnan(self._local_rows(self._global_rewards(), output))
         return output
+
+    # ------------------------------------------------------------------ ReMax
+    def _greedy_rows(self, num_rows: int, num_generations: int) -> torch.Tensor:
+        return greedy_row_mask(num_rows, self.accelerator.process_index * num_rows, num_generations)
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        if self.args.advantage_estimator != "remax":
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
+        model = self.accelerator.unwrap_model(self.model_wrapped)
+        with greedy_rows_in_generate(model, self._greedy_rows(len(prompt_ids), num_generations)):
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
+
+    def _mask_greedy_rows(self, output: dict) -> None:
+        """Keep ReMax's greedy baselines out of the loss, and log their reward (the baseline)."""
+        mode = "train" if self.model.training else "eval"
+        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+        is_greedy = self._greedy_rows(output["completion_ids"].size(0), num_generations).to(self.accelerator.device)
+        output["completion_mask"] = output["completion_mask"] * ~is_greedy.unsqueeze(1)
+        loss_mask = output["completion_mask"] * output.get("tool_mask", 1)
+        output["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
+        baseline = self._global_rewards().view(-1, num_generations)[:, -1]
+        self._metrics[mode]["remax/baseline_reward"].append(torch.nanmean(baseline).item())
 
     def _local_rows(self, global_values: torch.Tensor, output: dict) -> torch.Tensor:
         """This process's slice of values computed for every process's rows (TRL gathers them in rank order)."""

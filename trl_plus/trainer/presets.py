@@ -70,6 +70,18 @@ class ReinforcePPConfig(GRPOConfig):
     loss_type: str = field(default="dapo", metadata={"help": "Token-level PPO-clip loss."})
 
 
+@dataclass
+class ReMaxConfig(GRPOConfig):
+    """ReMax (arXiv 2310.10505): per prompt, the greedy decode of the current policy is scored by the same reward
+    functions and is the baseline (A_i = r_i - r_greedy); it is decoded in the same `generate` call as the samples,
+    as the last completion of each group, and is not trained on. So each prompt gets num_generations - 1 samples. No
+    std scaling, no KL."""
+
+    advantage_estimator: str = field(default="remax", metadata={"help": "Greedy-decode baseline."})
+    scale_rewards: str = field(default="none", metadata={"help": "ReMax does not scale by the std."})
+    beta: float = field(default=0.0, metadata={"help": "No KL penalty."})
+
+
 class DAPOTrainer(GRPOTrainer):
     """GRPOTrainer with `DAPOConfig` defaults (arXiv 2503.14476)."""
 
@@ -96,6 +108,13 @@ class RLOOTrainer(GRPOTrainer):
 
     config_class = RLOOConfig
     _name = "RLOO"
+
+
+class ReMaxTrainer(GRPOTrainer):
+    """GRPOTrainer with `ReMaxConfig` defaults (arXiv 2310.10505)."""
+
+    config_class = ReMaxConfig
+    _name = "ReMax"
 
 
 class ReinforcePPTrainer(GRPOTrainer):
