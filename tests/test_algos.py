@@ -64,7 +64,7 @@ def _loss_and_grad(loss_fn, log_prob, *args, **kwargs):
 @pytest.mark.parametrize(
     "registry, expected",
     [
-        (ADVANTAGES, {"grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"}),
+        (ADVANTAGES, {"grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax"}),
         (POLICY_LOSSES, {"ppo_clip", "aspo", "clip_cov", "kl_cov"}),
         (AGGREGATIONS, {"token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"}),
         (KL_ESTIMATORS, {"k1", "k2", "k3"}),

@@ -15,9 +15,21 @@ from .aggregation import AGGREGATIONS, seq_mean_token_mean, seq_mean_token_sum_n
 from .kl import KL_ESTIMATORS, k1, k2, k3
 from .policy_losses import POLICY_LOSSES, aspo_loss, clip_cov_loss, kl_cov_loss, ppo_clip_loss, token_covariance
 from .registry import Registry, call_with_supported
+from .value import (
+    AdaptiveKLController,
+    FixedKLController,
+    clipped_value_loss,
+    decoupled_gae,
+    explained_variance,
+    gae,
+    kl_shaped_token_rewards,
+    length_adaptive_lambda,
+)
 
 __all__ = [
     "ADVANTAGES",
+    "AdaptiveKLController",
+    "FixedKLController",
     "AGGREGATIONS",
     "GLOBALLY_WHITENED",
     "KL_ESTIMATORS",
@@ -26,12 +38,18 @@ __all__ = [
     "aspo_loss",
     "call_with_supported",
     "clip_cov_loss",
+    "clipped_value_loss",
+    "decoupled_gae",
+    "explained_variance",
+    "gae",
     "grpo_advantages",
     "k1",
     "k2",
     "k3",
     "kl_cov_loss",
     "kl_penalty_to_go",
+    "kl_shaped_token_rewards",
+    "length_adaptive_lambda",
     "masked_whiten",
     "ppo_clip_loss",
     "reinforce_pp_advantages",

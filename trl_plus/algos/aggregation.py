@@ -21,8 +21,12 @@ def token_mean(per_token_loss: torch.Tensor, mask: torch.Tensor, *, num_tokens: 
     >>> token_mean(torch.tensor([[1.0, 3.0], [5.0, 7.0]]), torch.tensor([[1, 1], [1, 0]]))
     tensor(3.)
     """
-    # A given count is used as is: a share of the global count can be < 1 when this window holds few tokens.
-    num_tokens = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
+    if num_tokens is None:
+        num_tokens = mask.sum().clamp(min=1)
+    else:  # a share of the global count can be < 1, so only 0 (no valid token anywhere) is guarded
+        num_tokens = torch.as_tensor(num_tokens, dtype=per_token_loss.dtype).clamp(
+            min=torch.finfo(per_token_loss.dtype).tiny
+        )
     return (per_token_loss * mask).sum() / num_tokens
 
 

@@ -1,0 +1,301 @@
+"""Critic-side math for PPO and VAPO: GAE, KL-shaped token rewards, the clipped value loss, KL controllers.
+
+All tensors are `(B, T)` over completion tokens, right-padded, with `mask` 1 (or True) on real completion tokens.
+`values[:, t]` is the critic's V(s_t) for completion token t; the state after the last valid token is terminal, so its
+value is 0. Sources: GAE (arXiv 1506.02438), InstructGPT-style RLHF (arXiv 2203.02155), VAPO (arXiv 2504.05118) and
+the adaptive KL controller (arXiv 1909.08593). The math is in ALGORITHMS.md.
+"""
+
+from typing import Any
+
+import torch
+
+from .aggregation import token_mean
+
+
+def _as_lambda(lam: float | torch.Tensor, batch_size: int, like: torch.Tensor) -> torch.Tensor:
+    """`lam` as a `(B,)` or 0-dim tensor on `like`'s device and dtype; a tensor must be 0-dim or `(B,)`."""
+    lam = torch.as_tensor(lam, dtype=like.dtype, device=like.device)
+    if lam.dim() > 1 or (lam.dim() == 1 and lam.numel() != batch_size):
+        raise ValueError(f"lam must be a float or a (B,) = ({batch_size},) tensor, got shape {tuple(lam.shape)}.")
+    return lam
+
+
+@torch.no_grad()
+def gae(
+    token_rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float,
+    lam: float | torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation (arXiv 1506.02438 eq. 16) over `(B, T)` completion tokens.
+
+    delta_t = r_t + gamma V_{t+1} - V_t, with V = 0 after the last valid token (terminal);
+    A_t = delta_t + gamma lam A_{t+1} = sum_l (gamma lam)^l delta_{t+l}; returns R_t = A_t + V_t.
+    lam = 0 gives the one-step TD error; lam = 1 gives the discounted return-to-go minus V_t.
+
+    `token_rewards`, `values` and `mask` are `(B, T)`; `lam` is a float or a `(B,)` tensor (one lambda per sequence,
+    as VAPO's `length_adaptive_lambda`). Returns `(advantages, returns)`, each `(B, T)` and 0 on padding, in at least
+    float32 (bf16 values are promoted: the recursion accumulates over T). They are targets: no gradient flows.
+    Whatever padding holds (even NaN) is ignored. A masked token between valid ones (a hole) is skipped: the
+    recursion carries V and A across it, as if it were not in the sequence.
+
+    >>> advantages, returns = gae(
+    ...     torch.tensor([[0.0, 1.0, 0.0]]), torch.tensor([[0.5, 0.5, 9.0]]), torch.tensor([[1, 1, 0]]), 1.0, 0.5
+    ... )
+    >>> advantages  # delta = [0 + 0.5 - 0.5, 1 + 0 - 0.5] = [0, 0.5]; A_0 = 0 + 0.5 * 0.5
+    tensor([[0.2500, 0.5000, 0.0000]])
+    >>> returns
+    tensor([[0.7500, 1.0000, 0.0000]])
+    """
+    if not token_rewards.shape == values.shape == mask.shape or token_rewards.dim() != 2:
+        raise ValueError(
+            "token_rewards, values and mask must all be (B, T); got "
+            f"{tuple(token_rewards.shape)}, {tuple(values.shape)} and {tuple(mask.shape)}."
+        )
+    dtype = torch.promote_types(torch.promote_types(token_rewards.dtype, values.dtype), torch.float32)
+    rewards, values = token_rewards.to(dtype), values.to(dtype)
+    valid = mask.bool()
+    batch_size, seq_len = values.shape
+    discount = gamma * _as_lambda(lam, batch_size, values)  # gamma * lambda, 0-dim or (B,)
+
+    advantages = torch.zeros_like(values)
+    next_value = values.new_zeros(batch_size)  # V(s_{t+1}); 0 after the last valid token (terminal state)
+    last_advantage = values.new_zeros(batch_size)  # A_{t+1}
+    for t in reversed(range(seq_len)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = delta + discount * last_advantage
+        # On a masked token carry the running values unchanged: trailing padding keeps the terminal zeros.
+        last_advantage = torch.where(valid[:, t], advantage, last_advantage)
+        next_value = torch.where(valid[:, t], values[:, t], next_value)
+        advantages[:, t] = torch.where(valid[:, t], advantage, 0.0)
+    returns = torch.where(valid, advantages + values, 0.0)
+    return advantages, returns
+
+
+def length_adaptive_lambda(lengths: torch.Tensor, alpha: float = 0.05) -> torch.Tensor:
+    """VAPO's length-adaptive GAE lambda (arXiv 2504.05118, "Length-Adaptive GAE"): lambda = 1 - 1 / (alpha * l).
+
+    Chosen so that the total weight of the TD errors, sum_t lambda^t = 1 / (1 - lambda), equals alpha * l: long
+    sequences bootstrap less (lambda near 1), short ones more. `lengths` `(B,)` are the valid completion lengths
+    (`mask.sum(-1)`); returns `(B,)` floats. Clamped into [0, 1]: for l < 1 / alpha (20 tokens at the paper's
+    alpha = 0.05) the formula is negative, and a negative lambda would flip the sign of every other TD error, so
+    such sequences get lambda = 0 (one-step TD); l = 0 also gives 0.
+
+    >>> length_adaptive_lambda(torch.tensor([100, 200, 20, 10]))
+    tensor([0.8000, 0.9000, 0.0000, 0.0000])
+    """
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}.")
+    lengths = torch.as_tensor(lengths)
+    lengths = lengths.to(torch.promote_types(lengths.dtype, torch.get_default_dtype()))
+    return (1.0 - 1.0 / (alpha * lengths)).clamp(min=0.0, max=1.0)
+
+
+def decoupled_gae(
+    token_rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float,
+    lambda_critic: float | torch.Tensor,
+    lambda_policy: float | torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAPO decoupled GAE (arXiv 2504.05118, "Decoupled-GAE"): one lambda for the critic, another for the policy.
+
+    Value targets are the GAE returns with `lambda_critic` (VAPO: 1.0, so with gamma = 1 they are the Monte-Carlo
+    reward-to-go, unbiased by the critic's own errors); policy advantages are the GAE advantages with `lambda_policy`
+    (VAPO: 0.95, or `length_adaptive_lambda(mask.sum(-1))`). Either lambda is a float or a `(B,)` tensor. Returns
+    `(policy_advantages, value_returns)`, each `(B, T)` and 0 on padding; see `gae`.
+
+    >>> policy_advantages, value_returns = decoupled_gae(
+    ...     torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.5]]), torch.tensor([[1, 1]]), 1.0, 1.0, 0.0
+    ... )
+    >>> policy_advantages  # one-step TD errors: [0 + 0.5 - 0.5, 1 + 0 - 0.5]
+    tensor([[0.0000, 0.5000]])
+    >>> value_returns  # reward-to-go
+    tensor([[1., 1.]])
+    """
+    _, value_returns = gae(token_rewards, values, mask, gamma, lambda_critic)
+    policy_advantages, _ = gae(token_rewards, values, mask, gamma, lambda_policy)
+    return policy_advantages, value_returns
+
+
+def kl_shaped_token_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float | torch.Tensor
+) -> torch.Tensor:
+    """InstructGPT-style token rewards (arXiv 2203.02155 eq. 2): r_t = -beta * KL_t, plus the score on the last token.
+
+    `scores` `(B,)` are the sequence rewards; `kl` `(B, T)` is the per-token KL estimate, usually k1 = logp_old -
+    logp_ref (log space, no gradient); `mask` `(B, T)`. Returns `(B, T)`: -beta * kl on every valid token, the score
+    added on the last valid token, 0 on padding. A row with no valid token gets all zeros (its score is dropped).
+
+    >>> kl_shaped_token_rewards(torch.tensor([1.0]), torch.tensor([[0.5, 2.0, 9.0]]), torch.tensor([[1, 1, 0]]), 0.1)
+    tensor([[-0.0500,  0.8000,  0.0000]])
+    """
+    valid = mask.bool()
+    seq_len = valid.size(-1)
+    # Index of the last valid token: the first valid one of the reversed row.
+    last = seq_len - 1 - valid.flip(-1).int().argmax(-1)
+    positions = torch.arange(seq_len, device=valid.device)
+    is_last = (positions == last.unsqueeze(-1)) & valid.any(-1, keepdim=True)
+    rewards = torch.where(valid, -beta * kl, 0.0)
+    return rewards + torch.where(is_last, scores.unsqueeze(-1).to(rewards.dtype), 0.0)
+
+
+def clipped_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange_value: float | None,
+    *,
+    num_tokens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO value loss with clipping (arXiv 2203.02155; ALGORITHMS.md "PPO components"), minimized.
+
+    vf_loss1 = (V - R)^2, vf_loss2 = (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2 and the per-token loss is
+    0.5 * max(vf_loss1, vf_loss2); `cliprange_value=None` gives 0.5 * (V - R)^2. `values` (with gradient),
+    `old_values` (the critic at rollout time) and `returns` are `(B, T)`. Returns `(loss, clipfrac)`, both 0-dim:
+    the token mean of the per-token loss (`token_mean`: summed over valid tokens, divided by `num_tokens`, default
+    this batch's count of valid tokens) and the fraction of valid tokens where the clipped term is strictly larger
+    (`value_clipfrac`; 0 without clipping).
+
+    >>> loss, clipfrac = clipped_value_loss(
+    ...     torch.tensor([[1.0, 1.0]]), torch.tensor([[0.5, 0.5]]), torch.tensor([[2.0, 0.0]]), torch.ones(1, 2), 0.2
+    ... )
+    >>> loss  # V_clipped = 0.7: 0.5 * (max(1.0, 1.69) + max(1.0, 0.49)) / 2
+    tensor(0.6725)
+    >>> clipfrac
+    tensor(0.5000)
+    """
+    vf_loss1 = (values - returns) ** 2
+    if cliprange_value is None:
+        per_token_loss = 0.5 * vf_loss1
+        is_clipped = torch.zeros_like(vf_loss1, dtype=torch.bool)
+    else:
+        values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+        vf_loss2 = (values_clipped - returns) ** 2
+        per_token_loss = 0.5 * torch.maximum(vf_loss1, vf_loss2)
+        is_clipped = vf_loss2 > vf_loss1
+    valid = mask.bool()
+    per_token_loss = torch.where(valid, per_token_loss, 0.0)  # padding may hold anything, even NaN
+    loss = token_mean(per_token_loss, valid.to(per_token_loss.dtype), num_tokens=num_tokens)
+    clipfrac = token_mean((is_clipped & valid).float(), valid.float())
+    return loss, clipfrac.detach()
+
+
+@torch.no_grad()
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var(R - V) / Var(R) over the valid tokens of `(B, T)` tensors (population variances): a critic metric.
+
+    1 for a perfect critic, 0 for one that predicts the mean return, negative for one worse than that. Returns a 0-dim
+    float tensor (at least float32). When the returns do not vary (Var(R) <= float eps * mean(R^2), which covers
+    constant returns up to rounding) or no token is valid, the ratio is undefined and the result is 0, never NaN.
+
+    >>> explained_variance(torch.tensor([[1.5, 2.0, 2.5]]), torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[1, 1, 1]]))
+    tensor(0.7500)
+    """
+    dtype = torch.promote_types(torch.promote_types(values.dtype, returns.dtype), torch.float32)
+    valid = mask.bool()
+    weights = valid.to(dtype)
+    returns = torch.where(valid, returns.to(dtype), 0.0)
+    residuals = torch.where(valid, returns - values.to(dtype), 0.0)
+
+    def masked_var(x: torch.Tensor) -> torch.Tensor:
+        return token_mean(torch.where(valid, x - token_mean(x, weights), 0.0) ** 2, weights)
+
+    var_returns = masked_var(returns)
+    degenerate = var_returns <= torch.finfo(dtype).eps * token_mean(returns**2, weights)
+    ratio = masked_var(residuals) / torch.where(degenerate, 1.0, var_returns)
+    return torch.where(degenerate, 0.0, 1.0 - ratio)
+
+
+def _check_coef(name: str, value: float) -> float:
+    value = float(value)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}.")
+    return value
+
+
+def _check_positive(name: str, value: float) -> float:
+    value = float(value)
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}.")
+    return value
+
+
+class FixedKLController:
+    """A constant KL coefficient beta, with the interface of `AdaptiveKLController`.
+
+    >>> controller = FixedKLController(0.05)
+    >>> controller.update(current_kl=100.0, n_steps=64)
+    0.05
+    """
+
+    def __init__(self, kl_coef: float):
+        self.value = _check_coef("kl_coef", kl_coef)
+
+    def update(self, current_kl: float | torch.Tensor, n_steps: int) -> float:
+        """Does nothing; returns beta."""
+        return self.value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        _check_keys(self, state_dict, {"value"})
+        self.value = _check_coef("value", state_dict["value"])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(kl_coef={self.value})"
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al., arXiv 1909.08593 sec. 2.2), a proportional controller on log beta.
+
+    e = clip(KL / target - 1, -0.2, 0.2); beta <- beta * (1 + e * n_steps / horizon). `current_kl` is the KL per
+    sequence measured on the last batch (sum over tokens of logp_old - logp_ref, averaged over sequences) and `n_steps`
+    the number of sequences in that batch. Keep n_steps / horizon < 5: beyond it the factor can turn negative.
+
+    >>> controller = AdaptiveKLController(init_kl_coef=0.1, target=6.0, horizon=10000)
+    >>> round(controller.update(current_kl=9.0, n_steps=256), 6)  # e = clip(0.5) = 0.2; 0.1 * (1 + 0.2 * 0.0256)
+    0.100512
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float):
+        self.value = _check_coef("init_kl_coef", init_kl_coef)
+        self.target = _check_positive("target", target)
+        self.horizon = _check_positive("horizon", horizon)
+
+    def update(self, current_kl: float | torch.Tensor, n_steps: int) -> float:
+        """One controller step; returns the new beta."""
+        current_kl = float(current_kl)
+        if current_kl != current_kl or abs(current_kl) == float("inf"):
+            raise ValueError(f"current_kl must be finite, got {current_kl}.")
+        if not n_steps >= 0:
+            raise ValueError(f"n_steps must be >= 0, got {n_steps}.")
+        proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+        return self.value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        _check_keys(self, state_dict, {"value", "target", "horizon"})
+        value = _check_coef("value", state_dict["value"])  # validate everything before changing anything
+        target = _check_positive("target", state_dict["target"])
+        horizon = _check_positive("horizon", state_dict["horizon"])
+        self.value, self.target, self.horizon = value, target, horizon
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(value={self.value}, target={self.target}, horizon={self.horizon})"
+
+
+def _check_keys(controller: object, state_dict: dict[str, Any], expected: set[str]) -> None:
+    if set(state_dict) != expected:
+        raise ValueError(
+            f"{type(controller).__name__}.load_state_dict expects the keys {sorted(expected)}, "
+            f"got {sorted(state_dict)}."
+        )
