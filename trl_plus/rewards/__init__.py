@@ -1,4 +1,4 @@
-"""Picklable reward functions for TRL trainers: DAPO overlong shaping and TTRL majority vote."""
+"""Picklable reward functions for TRL trainers: DAPO overlong shaping, TTRL majority vote, process rewards."""
 
 from .majority_vote import (
     MajorityVoteReward,
@@ -10,10 +10,12 @@ from .majority_vote import (
     normalized_equal,
 )
 from .overlong import OverlongPenalty, overlong_penalty
+from .process import ProcessReward
 
 __all__ = [
     "MajorityVoteReward",
     "OverlongPenalty",
+    "ProcessReward",
     "extract_answer",
     "majority_vote_labels",
     "majority_vote_reward",

@@ -33,7 +33,8 @@ from ..algos import (
     kl_penalty_to_go,
     masked_whiten,
 )
-from ..rewards import OverlongPenalty
+from ..algos.process_rewards import process_advantages
+from ..rewards import OverlongPenalty, ProcessReward
 from ..sampling import (
     SurplusBuffer,
     greedy_row_mask,
@@ -300,6 +301,13 @@ class GRPOTrainer(trl.GRPOTrainer):
         if args.dynamic_sampling and isinstance(self.train_dataset, IterableDataset):
             raise ValueError("`dynamic_sampling=True` draws extra prompts by index: use a map-style `Dataset`.")
         self._last_rewards_per_func = None
+        process_rewards = [func for func in self.reward_funcs if isinstance(func, ProcessReward)]
+        if len(process_rewards) > 1 or (process_rewards and args.advantage_estimator != "grpo"):
+            raise ValueError(
+                "Process rewards (trl_plus.rewards.ProcessReward) give GRPO's process-supervision advantages: pass "
+                "at most one, with advantage_estimator='grpo'."
+            )
+        self._process_reward = process_rewards[0] if process_rewards else None
         self._surplus = SurplusBuffer(
             self.num_generations, capacity_groups=args.generation_batch_size // self.num_generations
         )
@@ -345,7 +353,7 @@ class GRPOTrainer(trl.GRPOTrainer):
             advantages = output["advantages"]
             token_advantages = advantages if advantages.dim() == 2 else advantages.unsqueeze(1) * mask
             output["advantages"] = masked_whiten(token_advantages, mask, self._all_reduce_sum)
-        if self.args.advantage_estimator != "grpo" or self.args.kl_in_reward or self.args.dynamic_sampling:
+        if self._replaces_trl_advantages or self.args.dynamic_sampling:
             self._log_advantages(output)
         return output
 
@@ -355,7 +363,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         The result is not yet whitened over the global batch: dynamic sampling changes which rows are in it.
         """
         output = super()._generate_and_score_completions(inputs)
-        if self.args.advantage_estimator != "grpo" or self.args.kl_in_reward:
+        if self._replaces_trl_advantages:
             output["advantages"] = self._compute_advantages(output)
         if self.args.advantage_estimator == "remax":
             self._mask_greedy_rows(output)
@@ -394,6 +402,11 @@ class GRPOTrainer(trl.GRPOTrainer):
         start = self.accelerator.process_index * local_size
         return global_values[start : start + local_size]
 
+    @property
+    def _replaces_trl_advantages(self) -> bool:
+        args = self.args
+        return args.advantage_estimator != "grpo" or args.kl_in_reward or self._process_reward is not None
+
     def _global_rewards(self) -> torch.Tensor:
         """Weighted sum of the gathered rewards, `(N,)`; NaN where no reward function scored the completion."""
         rewards_per_func = self._last_rewards_per_func
@@ -404,7 +417,9 @@ class GRPOTrainer(trl.GRPOTrainer):
         """This process's advantages, `(B,)`, or `(B, T)` when KL is in the reward."""
         args = self.args
         mode = "train" if self.model.training else "eval"
-        if args.advantage_estimator == "grpo":
+        if self._process_reward is not None:
+            advantages = self._process_advantages(output)
+        elif args.advantage_estimator == "grpo":
             advantages = output["advantages"]
         else:
             num_generations = self.num_generations if mode == "train" else self.num_generations_eval
@@ -558,6 +573,17 @@ class GRPOTrainer(trl.GRPOTrainer):
         path = os.path.join(checkpoint, SURPLUS_BUFFER_FILE) if checkpoint is not None else None
         if self.args.dynamic_sampling and path is not None and os.path.exists(path):
             self._surplus.load_state_dict(torch.load(path, weights_only=True))
+
+    def _process_advantages(self, output: dict) -> torch.Tensor:
+        """GRPO process supervision: `(B, T)` token advantages from the step rewards of every process's rows."""
+        mode = "train" if self.model.training else "eval"
+        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+        steps = gather_object(self._process_reward.last_steps)  # groups can straddle processes
+        step_ends = [indices for _, indices in steps]
+        width = max([output["completion_ids"].size(1)] + [index + 1 for indices in step_ends for index in indices])
+        all_advantages = process_advantages([rewards for rewards, _ in steps], step_ends, num_generations, width)
+        local_advantages = self._local_rows(all_advantages.to(output["completion_ids"].device), output)
+        return local_advantages[:, : output["completion_ids"].size(1)] * output["completion_mask"]
 
     def _old_log_probs(self, output: dict) -> torch.Tensor:
         """Log-probs of the sampling policy: TRL's when it computed them, otherwise one no-grad forward pass."""
