@@ -34,7 +34,7 @@ from ..algos import (
     masked_whiten,
 )
 from ..algos.process_rewards import process_advantages
-from ..rewards import OverlongPenalty, ProcessReward
+from ..rewards import MajorityVoteReward, OverlongPenalty, ProcessReward
 from ..sampling import (
     SurplusBuffer,
     greedy_row_mask,
@@ -308,6 +308,9 @@ class GRPOTrainer(trl.GRPOTrainer):
                 "at most one, with advantage_estimator='grpo'."
             )
         self._process_reward = process_rewards[0] if process_rewards else None
+        for func in self.reward_funcs:
+            if isinstance(func, MajorityVoteReward) and func.gather_fn is None:
+                func.gather_fn = gather_object  # TTRL votes over whole groups, which can straddle processes
         self._surplus = SurplusBuffer(
             self.num_generations, capacity_groups=args.generation_batch_size // self.num_generations
         )
