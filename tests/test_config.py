@@ -269,13 +269,14 @@ def test_trl_plus_field_defaults_are_the_papers():
 
 # The values each preset's docstring cites from its paper.
 PRESET_DEFAULTS = {
-    # DAPO, arXiv 2503.14476: Clip-Higher 0.2 / 0.28, token-level loss, no KL, overlong filtering.
+    # DAPO, arXiv 2503.14476: Clip-Higher 0.2 / 0.28, token-level loss, no KL, overlong filtering, dynamic sampling.
     trl_plus.DAPOConfig: {
         "epsilon": 0.2,
         "epsilon_high": 0.28,
         "loss_type": "dapo",
         "beta": 0.0,
         "mask_truncated_completions": True,
+        "dynamic_sampling": True,
     },
     # GSPO, arXiv 2507.18071: sequence-level ratio, clip ranges 3e-4 / 4e-4, sequence-mean loss, no KL.
     trl_plus.GSPOConfig: {
@@ -289,6 +290,8 @@ PRESET_DEFAULTS = {
     trl_plus.ASPOConfig: {"loss_type": "aspo", "epsilon": 0.2, "epsilon_high": 0.2, "beta": 0.0},
     # RLOO, arXiv 2402.14740: leave-one-out baseline, no std scaling, no KL.
     trl_plus.RLOOConfig: {"advantage_estimator": "rloo", "scale_rewards": "none", "beta": 0.0},
+    # ReMax, arXiv 2310.10505: greedy-decode baseline, no std scaling, no KL.
+    trl_plus.ReMaxConfig: {"advantage_estimator": "remax", "scale_rewards": "none", "beta": 0.0},
     # REINFORCE++, arXiv 2501.03262: k1 KL in the reward with beta 0.01, PPO clip 0.2, token-level loss.
     trl_plus.ReinforcePPConfig: {
         "advantage_estimator": "reinforce_pp",

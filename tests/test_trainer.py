@@ -655,7 +655,13 @@ PRESET_TRAINERS = {
     trl_plus.GRPOTrainer: (trl_plus.GRPOConfig, {"loss_type": "dapo", "beta": 0.0, "advantage_estimator": "grpo"}),
     trl_plus.DAPOTrainer: (
         trl_plus.DAPOConfig,
-        {"epsilon": 0.2, "epsilon_high": 0.28, "loss_type": "dapo", "mask_truncated_completions": True},
+        {
+            "epsilon": 0.2,
+            "epsilon_high": 0.28,
+            "loss_type": "dapo",
+            "mask_truncated_completions": True,
+            "dynamic_sampling": True,
+        },
     ),
     trl_plus.GSPOTrainer: (
         trl_plus.GSPOConfig,
@@ -663,6 +669,7 @@ PRESET_TRAINERS = {
     ),
     trl_plus.ASPOTrainer: (trl_plus.ASPOConfig, {"loss_type": "aspo", "epsilon": 0.2, "epsilon_high": 0.2}),
     trl_plus.RLOOTrainer: (trl_plus.RLOOConfig, {"advantage_estimator": "rloo", "scale_rewards": "none"}),
+    trl_plus.ReMaxTrainer: (trl_plus.ReMaxConfig, {"advantage_estimator": "remax", "scale_rewards": "none"}),
     trl_plus.ReinforcePPTrainer: (
         trl_plus.ReinforcePPConfig,
         {"advantage_estimator": "reinforce_pp", "beta": 0.01, "kl_in_reward": True, "kl_estimator": "k1"},

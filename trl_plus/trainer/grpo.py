@@ -356,8 +356,8 @@ class GRPOTrainer(trl.GRPOTrainer):
             advantages = output["advantages"]
             token_advantages = advantages if advantages.dim() == 2 else advantages.unsqueeze(1) * mask
             output["advantages"] = masked_whiten(token_advantages, mask, self._all_reduce_sum)
-        if self._replaces_trl_advantages or self.args.dynamic_sampling:
-            self._log_advantages(output)
+        if self.args.advantage_estimator in GLOBALLY_WHITENED and not (self.args.dynamic_sampling and mode == "train"):
+            self._log_advantages(output)  # the rows of the one round, now with their whitened advantages
         return output
 
     def _generate_and_score_round(self, inputs):
@@ -368,6 +368,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         output = super()._generate_and_score_completions(inputs)
         if self._replaces_trl_advantages:
             output["advantages"] = self._compute_advantages(output)
+            self._log_advantages(output)  # TRL logged this round's rows with its own GRPO advantages
         if self.args.advantage_estimator == "remax":
             self._mask_greedy_rows(output)
         output["is_scored"] = ~torch.isnan(self._local_rows(self._global_rewards(), output))
@@ -605,7 +606,8 @@ class GRPOTrainer(trl.GRPOTrainer):
         return log_probs
 
     def _log_advantages(self, output: dict) -> None:
-        """Show the advantages actually trained on (per-sequence mean for token advantages) in the completions log."""
+        """Show this round's advantages (per-sequence mean for token advantages) beside its rows in the completions
+        log, replacing the GRPO advantages TRL logged for them."""
         advantages = output["advantages"]
         mask = output["completion_mask"] * output.get("tool_mask", 1)
         if advantages.dim() == 2:

@@ -11,8 +11,9 @@ from .grpo import GRPOConfig, GRPOTrainer
 @dataclass
 class DAPOConfig(GRPOConfig):
     """DAPO (arXiv 2503.14476): Clip-Higher (eps_low 0.2, eps_high 0.28), token-level loss, no KL (beta 0), overlong
-    filtering (truncated completions masked out of the loss). The paper also uses overlong reward shaping with
-    L_max = 20480, L_cache = 4096 (`trl_plus.rewards.overlong_penalty`)."""
+    filtering (truncated completions masked out of the loss) and dynamic sampling (groups whose rewards are all equal
+    are replaced by newly generated ones). The paper also uses overlong reward shaping with L_max = 20480,
+    L_cache = 4096 (`overlong_buffer_len`, `overlong_penalty_factor`)."""
 
     epsilon: float = field(default=0.2, metadata={"help": "Lower clip eps_low; DAPO uses 0.2."})
     epsilon_high: float | None = field(default=0.28, metadata={"help": "Upper clip eps_high (Clip-Higher); 0.28."})
@@ -20,6 +21,10 @@ class DAPOConfig(GRPOConfig):
     beta: float = field(default=0.0, metadata={"help": "DAPO removes the KL penalty."})
     mask_truncated_completions: bool = field(
         default=True, metadata={"help": "Overlong filtering: truncated completions are masked out of the loss."}
+    )
+    dynamic_sampling: bool = field(
+        default=True,
+        metadata={"help": "Dynamic sampling: only groups whose rewards differ are trained on (DAPO sec. 3.2)."},
     )
 
 

@@ -1,0 +1,156 @@
+"""Two-process check of DAPO dynamic sampling; `tests/test_dynamic_sampling.py` launches it and checks its output.
+
+    OMP_NUM_THREADS=1 CUDA_VISIBLE_DEVICES="" torchrun --nproc_per_node 2 tests/distributed/check_dynamic_sampling.py \
+        --model PATH --out DIR
+
+Each process trains (gloo on CPU) and writes `DIR/rank{RANK}.json`: for every generation step, its own row count and
+tensor shapes, the dynamic-sampling metrics, and the rows of the whole global batch (gathered: rank, prompt,
+completion, reward, masked), re-scored from the decoded text. Three runs, one after the other:
+
+- `signal`: 6 rows per process and 4 completions per prompt, so the 3 groups of a step are rows 0-3 | 4-7 | 8-11 and
+  group 1 straddles the processes; `+` prompts have a reward signal, `-` prompts (about half) never do. 3 steps.
+- `exhausted`: every reward is 1.0 and max_num_gen_batches=2: one step on a fully masked batch.
+- `strict`: the same with dynamic_sampling_strict=True: every process must raise RuntimeError (none may hang).
+
+An exception other than that RuntimeError fails the launch (non-zero exit code). Each process also writes its pid to
+`DIR/pid{RANK}`, so that the test can kill a hung worker.
+"""
+
+import argparse
+import json
+import os
+
+import torch
+from accelerate.utils import gather_object
+from datasets import Dataset
+
+from trl_plus import GRPOConfig, GRPOTrainer
+
+PROMPTS = [f"{a}{op}{b}=" for a in (1, 2, 11, 12) for b in (3, 14) for op in "+-"]
+
+
+def signal_reward(prompts, completions, **kwargs):
+    """`+` prompts: sum of character codes mod 5 (varies with the completion); `-` prompts: always 1.0."""
+    return [float(sum(map(ord, c)) % 5) if "+" in p else 1.0 for p, c in zip(prompts, completions, strict=True)]
+
+
+def constant_reward(prompts, completions, **kwargs):
+    return [1.0] * len(completions)
+
+
+class RecordingTrainer(GRPOTrainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.records = []
+        self.micro_batch_rows = []
+        self.micro_batch_losses = []
+
+    def _generate_and_score_completions(self, inputs):
+        batch = super()._generate_and_score_completions(inputs)
+        if not self.model.training:
+            return batch
+        tokenizer = self.processing_class
+        prompts = tokenizer.batch_decode(batch["prompt_ids"], skip_special_tokens=True)
+        completions = tokenizer.batch_decode(batch["completion_ids"], skip_special_tokens=True)
+        rewards = self.reward_funcs[0](prompts=prompts, completions=completions)
+        masked = (batch["completion_mask"].sum(dim=1) == 0).tolist()
+        rank = self.accelerator.process_index
+        rows = [
+            {"rank": rank, "prompt": p, "completion": c, "reward": r, "masked": m}
+            for p, c, r, m in zip(prompts, completions, rewards, masked, strict=True)
+        ]
+        self.records.append(
+            {
+                "num_rows": batch["completion_ids"].size(0),
+                "shapes": {key: list(value.shape) for key, value in batch.items() if value.dim() > 0},
+                "num_items_in_batch": batch["num_items_in_batch"].item(),
+                "global_loss_tokens": self.accelerator.gather(batch["completion_mask"].sum()).sum().item(),
+                "metrics": {
+                    name.removeprefix("dynamic_sampling/"): values[-1]
+                    for name, values in self._metrics["train"].items()
+                    if name.startswith("dynamic_sampling/")
+                },
+                "global_rows": gather_object(rows),
+            }
+        )
+        return batch
+
+    def _compute_loss(self, model, inputs):
+        loss = super()._compute_loss(model, inputs)
+        self.micro_batch_rows.append(inputs["completion_ids"].size(0))
+        self.micro_batch_losses.append(loss.item())
+        return loss
+
+
+def run(model, output_dir, reward, **overrides):
+    settings = dict(
+        output_dir=output_dir,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        per_device_train_batch_size=6,
+        num_generations=4,
+        max_completion_length=8,
+        learning_rate=1e-2,
+        max_steps=3,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        dynamic_sampling=True,
+    )
+    settings.update(overrides)
+    args = GRPOConfig(**settings)
+    trainer = RecordingTrainer(
+        model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_dict({"prompt": PROMPTS})
+    )
+    error = None
+    try:
+        trainer.train()
+    except RuntimeError as exc:
+        if "max_num_gen_batches" not in str(exc):
+            raise
+        error = str(exc)
+    return {
+        "steps": trainer.records,
+        "micro_batch_rows": trainer.micro_batch_rows,
+        "micro_batch_losses": trainer.micro_batch_losses,
+        "error": error,
+        "world_size": trainer.accelerator.num_processes,
+        "rank": trainer.accelerator.process_index,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--out", required=True)
+    cli = parser.parse_args()
+    # the launching test kills a hung worker by this pid
+    with open(os.path.join(cli.out, f"pid{os.environ['RANK']}"), "w") as handle:
+        handle.write(str(os.getpid()))
+    results = {
+        "signal": run(cli.model, os.path.join(cli.out, "signal"), signal_reward),
+        "exhausted": run(
+            cli.model, os.path.join(cli.out, "exhausted"), constant_reward, max_steps=1, max_num_gen_batches=2
+        ),
+        "strict": run(
+            cli.model,
+            os.path.join(cli.out, "strict"),
+            constant_reward,
+            max_steps=1,
+            max_num_gen_batches=2,
+            dynamic_sampling_strict=True,
+        ),
+    }
+    results["world_size"] = results["signal"]["world_size"]
+    rank = results["signal"]["rank"]
+    with open(os.path.join(cli.out, f"rank{rank}.json"), "w") as handle:
+        json.dump(results, handle, indent=1)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

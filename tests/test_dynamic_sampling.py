@@ -1,0 +1,777 @@
+"""DAPO dynamic sampling (arXiv 2503.14476 sec. 3.2): the pure helpers in `trl_plus.sampling` and the trainer loop.
+
+The trainer tests use a reward whose zero-variance groups are known from the prompt alone: a `+` prompt is scored by
+a hash of the completion text (its 4 completions almost never tie), a `-` prompt gets 1.0 whatever the completion.
+About half the groups of every round are therefore all-equal, which makes dynamic sampling generate extra rounds and,
+when a round brings more valid groups than the batch needs, keep the surplus for the next step. Every trained batch
+is re-scored from its decoded text, independently of the trainer's own bookkeeping.
+
+A two-process run (`torchrun --nproc_per_node 2`, gloo on CPU) is launched from here: see
+`tests/distributed/check_dynamic_sampling.py`.
+"""
+
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_config
+from datasets import Dataset, IterableDataset
+from torch.testing import assert_close
+
+from trl_plus import GRPOConfig, GRPOTrainer
+from trl_plus.sampling import SurplusBuffer, groups_with_signal, split_rows, stack_rows
+from trl_plus.trainer.grpo import SURPLUS_BUFFER_FILE
+
+NAN = float("nan")
+GROUP_SIZE = 4
+# `+` prompts have a reward signal, `-` prompts never do; 1- and 2-digit operands give prompts of 4 to 6 characters.
+PROMPTS = [f"{a}{op}{b}=" for a in (1, 2, 11, 12) for b in (3, 14) for op in "+-"]
+CHECK_SCRIPT = Path(__file__).parent / "distributed" / "check_dynamic_sampling.py"
+
+
+def signal_reward(prompts, completions, **kwargs):
+    """`+` prompts: sum of character codes mod 5 (varies with the completion); `-` prompts: always 1.0."""
+    return [float(sum(map(ord, c)) % 5) if "+" in p else 1.0 for p, c in zip(prompts, completions, strict=True)]
+
+
+class ConstantReward:
+    """1.0 for every completion (every group is zero-variance); counts its calls, i.e. the generation rounds."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, prompts, completions, **kwargs):
+        self.calls += 1
+        return [1.0] * len(completions)
+
+
+def policy_log_probs(model, batch):
+    """`(B, T)` log-probs of `completion_ids` under `model`: one plain forward pass, independent of TRL's scoring."""
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    # The logit at position p predicts token p + 1: the completion is predicted from the last prompt position on.
+    logits = logits[:, batch["prompt_ids"].size(1) - 1 : -1]
+    return logits.log_softmax(-1).gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
+
+
+def clone_rows(rows):
+    return [{key: value.detach().cpu().clone() for key, value in row.items()} for row in rows]
+
+
+class RecordingTrainer(GRPOTrainer):
+    """Records, per generation step, the batch dynamic sampling hands to TRL, its metrics, the surplus buffer left
+    for the next step and the sampling policy's log-probs of both; and the row count of every micro-batch trained."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.steps = []
+        self.micro_batch_rows = []
+        self.micro_batch_losses = []
+
+    def _generate_and_score_completions(self, inputs):
+        batch = super()._generate_and_score_completions(inputs)
+        if not self.model.training:
+            return batch
+        metrics = {
+            name.removeprefix("dynamic_sampling/"): values[-1]
+            for name, values in self._metrics["train"].items()
+            if name.startswith("dynamic_sampling/")
+        }
+        buffer = clone_rows(self._surplus.rows)
+        # The model has not been updated yet: this is the policy that sampled this step's rows.
+        buffer_log_probs = policy_log_probs(self.model, stack_rows(buffer, self._pad_values)) if buffer else None
+        self.steps.append(
+            {
+                "batch": {key: value.detach().cpu().clone() for key, value in batch.items()},
+                "metrics": metrics,
+                "buffer": buffer,
+                "buffer_policy_log_probs": buffer_log_probs,
+                "batch_policy_log_probs": policy_log_probs(self.model, batch).cpu(),
+                # what TRL's completions table (log_completions=True) would show for this step
+                "logged": {key: list(self._logs[key]) for key in ("prompt", "completion", "advantages")},
+            }
+        )
+        return batch
+
+    def _compute_loss(self, model, inputs):
+        loss = super()._compute_loss(model, inputs)
+        self.micro_batch_rows.append(inputs["completion_ids"].size(0))
+        self.micro_batch_losses.append(loss.item())
+        return loss
+
+
+def decode_rows(tokenizer, batch):
+    """`(prompt, completion)` texts of every row, decoded the way TRL decodes the completions it scores."""
+    prompts = tokenizer.batch_decode(batch["prompt_ids"], skip_special_tokens=True)
+    completions = tokenizer.batch_decode(batch["completion_ids"], skip_special_tokens=True)
+    return list(zip(prompts, completions, strict=True))
+
+
+def groups_of(items, group_size=GROUP_SIZE):
+    return [items[start : start + group_size] for start in range(0, len(items), group_size)]
+
+
+def row_key(row):
+    """A row's identity: its prompt and completion tokens without padding (for rows whose loss is not masked)."""
+    prompt = row["prompt_ids"][row["prompt_mask"].bool()].tolist()
+    return tuple(prompt), tuple(row["completion_ids"][: int(row["completion_mask"].sum())].tolist())
+
+
+# What a trained row is made of (buffered rows may carry more bookkeeping keys, which are not trained on).
+ROW_KEYS = ["prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages", "old_per_token_logps"]
+
+
+def assert_rows_equal(actual, expected, keys):
+    """Rows hold the same values; `actual` may carry more padding (left for prompts, right otherwise)."""
+    assert len(actual) == len(expected)
+    for actual_row, expected_row in zip(actual, expected, strict=True):
+        for key in keys:
+            actual_value, expected_value = actual_row[key], expected_row[key]
+            if expected_value.dim() > 0:
+                width = expected_value.size(0)
+                actual_value = actual_value[-width:] if key in ("prompt_ids", "prompt_mask") else actual_value[:width]
+            assert torch.equal(actual_value, expected_value), key
+
+
+def ds_config(output_dir, **overrides):
+    settings = dict(dynamic_sampling=True, gradient_accumulation_steps=2)  # 16 rows (4 groups) per generation
+    settings.update(overrides)
+    return make_config(GRPOConfig, output_dir, **settings)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# groups_with_signal
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rewards, group_size, expected",
+    [
+        # docstring: {1, 0} differ; {1, 1} equal; {2, NaN}: one scored reward, nothing to compare it with
+        ([1.0, 0.0, 1.0, 1.0, 2.0, NAN], 2, [True, False, False]),
+        # 0/1 rewards: a group has signal iff 0 < #correct < G (DAPO eq. 11)
+        ([0, 0, 0, 0, 1, 1, 1, 1, 0, 1, 0, 0, 1, 1, 1, 0], 4, [False, False, True, True]),
+        # NaN = unscored, ignored: all NaN -> no signal; NaN + equal scored -> no signal; NaN + different -> signal
+        ([NAN, NAN, NAN, NAN, NAN, 1, 1, NAN, NAN, 0, 1, NAN, 3, NAN, NAN, NAN], 4, [False, False, True, False]),
+        # equal non-zero rewards, negative rewards, and a difference of 1e-6 (float32 keeps it: 0.5 + 2^-20 > 0.5)
+        ([2.5, 2.5, 2.5, -1.0, -1.0, -1.0, 0.5, 0.5, 0.5 + 2**-20], 3, [False, False, True]),
+        # infinities compare as values: {-inf, -inf} equal, {-inf, 0} differ, {inf, NaN} one scored
+        ([-math.inf, -math.inf, -math.inf, 0.0, math.inf, NAN], 2, [False, True, False]),
+        # group size 1: a single completion never has signal
+        ([0.0, 1.0, NAN], 1, [False, False, False]),
+    ],
+)
+def test_groups_with_signal_golden(rewards, group_size, expected):
+    rewards = torch.tensor(rewards, dtype=torch.float32)
+    before = rewards.clone()
+    result = groups_with_signal(rewards, group_size)
+    assert result.dtype == torch.bool
+    assert result.tolist() == expected
+    assert torch.equal(rewards.isnan(), before.isnan()) and torch.equal(rewards.nan_to_num(), before.nan_to_num())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_groups_with_signal_iff_some_grpo_advantage_is_nonzero(seed):
+    # TRL's GRPO advantage is (r - nanmean_g r) / (nanstd_g r + 1e-4): all 0 exactly when the scored rewards are equal.
+    generator = torch.Generator().manual_seed(seed)
+    rewards = torch.randint(0, 3, (64, 4), generator=generator).float()
+    rewards[torch.rand(64, 4, generator=generator) < 0.3] = NAN
+    mean = rewards.nanmean(dim=1, keepdim=True)
+    advantages = (rewards - mean).nan_to_num(0.0)
+    expected = advantages.abs().amax(dim=1) > 0
+    assert 0 < int(expected.sum()) < 64  # both kinds of group occur
+    assert torch.equal(groups_with_signal(rewards.flatten(), 4), expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# split_rows / stack_rows
+# ---------------------------------------------------------------------------------------------------------------------
+
+PAD = 0
+
+
+def _round_batch(prompt_ids, completion_ids, advantages):
+    """A TRL-style batch: prompts left-padded, completions right-padded with PAD (the masks say which is which)."""
+    prompt_ids = torch.tensor(prompt_ids)
+    completion_ids = torch.tensor(completion_ids)
+    return {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": (prompt_ids != PAD).long(),
+        "completion_ids": completion_ids,
+        "completion_mask": (completion_ids != PAD).long(),
+        "old_per_token_logps": -completion_ids.float() / 10 * (completion_ids != PAD),
+        "advantages": torch.tensor(advantages),
+        "num_items_in_batch": (completion_ids != PAD).sum(),  # 0-dim: not a per-row value
+        "group_ids": torch.tensor([7, 7, 7, 7, 7]),  # first dim 5 != the row count: not a per-row value
+        "prompts": ["a", "b"],  # not a tensor
+    }
+
+
+def test_split_rows_keeps_only_per_row_tensors():
+    batch = _round_batch([[0, 5, 6], [4, 5, 6]], [[9, 8, 0], [9, 0, 0]], [1.0, -1.0])
+    rows = split_rows(batch, 2)
+    assert len(rows) == 2
+    per_row = {"prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "old_per_token_logps", "advantages"}
+    assert all(set(row) == per_row for row in rows)
+    assert rows[0]["prompt_ids"].tolist() == [0, 5, 6]
+    assert rows[1]["completion_ids"].tolist() == [9, 0, 0]
+    assert rows[1]["advantages"].item() == -1.0
+
+
+def test_split_then_stack_round_trip():
+    batch = _round_batch([[0, 5, 6], [4, 5, 6], [0, 0, 3]], [[9, 8, 0], [9, 0, 0], [7, 7, 7]], [1.0, -1.0, 0.5])
+    restacked = stack_rows(split_rows(batch, 3), {"prompt_ids": PAD, "completion_ids": PAD})
+    assert set(restacked) == {
+        "prompt_ids",
+        "prompt_mask",
+        "completion_ids",
+        "completion_mask",
+        "old_per_token_logps",
+        "advantages",
+    }
+    for key, value in restacked.items():
+        assert torch.equal(value, batch[key]), key
+
+
+def test_stack_rows_of_two_rounds_pads_prompts_left_and_the_rest_right():
+    # round A: prompt width 2, completion width 2; round B: prompt width 3, completion width 3
+    round_a = _round_batch([[5, 6], [0, 6]], [[9, 8], [9, 0]], [1.0, -1.0])
+    round_b = _round_batch([[4, 5, 6], [0, 4, 5]], [[7, 7, 7], [3, 0, 0]], [2.0, -2.0])
+    rows = split_rows(round_a, 2) + split_rows(round_b, 2)
+    batch = stack_rows(rows, {"prompt_ids": PAD, "completion_ids": PAD})
+    # prompts: A's rows get one more pad on the LEFT, so the last prompt token stays next to the completion
+    assert batch["prompt_ids"].tolist() == [[0, 5, 6], [0, 0, 6], [4, 5, 6], [0, 4, 5]]
+    assert batch["prompt_mask"].tolist() == [[0, 1, 1], [0, 0, 1], [1, 1, 1], [0, 1, 1]]
+    # completions and per-token values: one more pad on the RIGHT
+    assert batch["completion_ids"].tolist() == [[9, 8, 0], [9, 0, 0], [7, 7, 7], [3, 0, 0]]
+    assert batch["completion_mask"].tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0]]
+    assert_close(
+        batch["old_per_token_logps"],
+        torch.tensor([[-0.9, -0.8, 0.0], [-0.9, 0.0, 0.0], [-0.7, -0.7, -0.7], [-0.3, 0.0, 0.0]]),
+    )
+    assert batch["advantages"].tolist() == [1.0, -1.0, 2.0, -2.0]
+
+
+def test_stack_rows_pad_values_and_token_level_advantages():
+    rows = [
+        {"completion_ids": torch.tensor([5]), "tool_mask": torch.tensor([0]), "advantages": torch.tensor([0.5])},
+        {
+            "completion_ids": torch.tensor([6, 7, 8]),
+            "tool_mask": torch.tensor([1, 0, 1]),
+            "advantages": torch.tensor([1.0, 2.0, 3.0]),
+        },
+    ]
+    batch = stack_rows(rows, {"completion_ids": 2, "tool_mask": 1})
+    assert batch["completion_ids"].tolist() == [[5, 2, 2], [6, 7, 8]]  # pad id 2 (not 0)
+    assert batch["tool_mask"].tolist() == [[0, 1, 1], [1, 0, 1]]  # tool_mask pads with 1, as TRL's does
+    assert batch["advantages"].tolist() == [[0.5, 0.0, 0.0], [1.0, 2.0, 3.0]]  # (B, T) advantages: right, 0
+    assert batch["completion_ids"].dtype == torch.int64 and batch["advantages"].dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SurplusBuffer
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _rows(*values):
+    return [
+        {"completion_ids": torch.tensor([value, value + 1]), "advantages": torch.tensor(float(value))}
+        for value in values
+    ]
+
+
+def test_surplus_buffer_put_take_and_capacity():
+    buffer = SurplusBuffer(group_size=2, capacity_groups=3)
+    assert buffer.num_groups == 0 and buffer.take_all() == []
+    assert buffer.put(_rows(0, 1)) == 0  # 1 group, fits
+    assert buffer.put(_rows(2, 3, 4, 5, 6, 7)) == 1  # 3 groups, room for 2: the last group is dropped
+    assert buffer.num_groups == 3
+    assert buffer.put(_rows(8, 9)) == 1  # full
+    taken = buffer.take_all()
+    assert [row["advantages"].item() for row in taken] == [0, 1, 2, 3, 4, 5]  # order kept, whole groups
+    assert buffer.num_groups == 0 and buffer.rows == []
+    assert buffer.put(_rows(10, 11)) == 0 and buffer.num_groups == 1  # usable again after take_all
+
+
+def test_surplus_buffer_zero_capacity_drops_everything():
+    buffer = SurplusBuffer(group_size=2, capacity_groups=0)
+    assert buffer.put(_rows(0, 1, 2, 3)) == 2
+    assert buffer.num_groups == 0
+
+
+def test_surplus_buffer_state_dict_round_trip(tmp_path):
+    buffer = SurplusBuffer(group_size=2, capacity_groups=2)
+    buffer.put(_rows(0, 1, 2, 3))
+    torch.save(buffer.state_dict(), tmp_path / "buffer.pt")
+    restored = SurplusBuffer(group_size=2, capacity_groups=2)
+    restored.load_state_dict(torch.load(tmp_path / "buffer.pt", weights_only=True))
+    assert restored.num_groups == 2
+    assert_rows_equal(restored.rows, buffer.rows, ["completion_ids", "advantages"])
+    assert restored.put(_rows(4, 5)) == 1  # the restored rows count against the capacity
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Config and trainer validation
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [0, -1])
+def test_max_num_gen_batches_must_be_positive(tmp_path, value):
+    with pytest.raises(ValueError, match="max_num_gen_batches"):
+        ds_config(tmp_path, max_num_gen_batches=value)
+
+
+def test_dynamic_sampling_rejects_an_iterable_dataset(tmp_path, tiny_model_path):
+    dataset = IterableDataset.from_generator(lambda: iter({"prompt": p} for p in PROMPTS))
+    with pytest.raises(ValueError, match=r"dynamic_sampling.*map-style"):
+        GRPOTrainer(
+            model=tiny_model_path,
+            reward_funcs=signal_reward,
+            args=ds_config(tmp_path, max_steps=1),
+            train_dataset=dataset,
+        )
+    # the same dataset without dynamic sampling is accepted: the error is about dynamic sampling
+    GRPOTrainer(
+        model=tiny_model_path,
+        reward_funcs=signal_reward,
+        args=ds_config(tmp_path, dynamic_sampling=False, max_steps=1),
+        train_dataset=dataset,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training: filtered batches, constant shapes, the surplus buffer, checkpoints
+# ---------------------------------------------------------------------------------------------------------------------
+
+NUM_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_path, tmp_path_factory):
+    """4 on-policy steps (16 rows = 4 groups per generation, 2 micro-batches of 8), a checkpoint after every step."""
+    output_dir = tmp_path_factory.mktemp("dynamic-sampling")
+    args = ds_config(output_dir, max_steps=NUM_STEPS, save_strategy="steps", save_steps=1)
+    assert args.steps_per_generation == 2 and args.generation_batch_size == 16
+    assert not args.has_old_log_probs  # on-policy: the trainer itself must give buffered rows their old log-probs
+    trainer = RecordingTrainer(
+        model=tiny_model_path,
+        reward_funcs=signal_reward,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+    )
+    trainer.train()
+    assert len(trainer.steps) == NUM_STEPS
+    return trainer, output_dir
+
+
+def test_trained_batches_have_no_zero_variance_group(trained):
+    trainer, _ = trained
+    tokenizer = trainer.processing_class
+    for step in trainer.steps:
+        batch = step["batch"]
+        assert step["metrics"]["groups_kept"] == 4 and step["metrics"]["groups_masked"] == 0
+        for group_index, group in enumerate(groups_of(decode_rows(tokenizer, batch))):
+            assert len({prompt for prompt, _ in group}) == 1, f"group {group_index} mixes prompts: {group}"
+            rewards = signal_reward(*zip(*group, strict=True))
+            assert max(rewards) > min(rewards), f"zero-variance group trained: {group} -> {rewards}"
+        # equivalently: no group's advantages are all 0
+        assert (batch["advantages"].view(-1, GROUP_SIZE).abs().amax(dim=1) > 0).all()
+        tokens_per_group = batch["completion_mask"].view(-1, GROUP_SIZE, batch["completion_mask"].size(1)).sum((1, 2))
+        assert (tokens_per_group > 0).all()  # no group is masked out of the loss
+    # the filter had work to do: about half the generated groups were zero-variance, so extra rounds ran
+    assert sum(step["metrics"]["groups_generated"] for step in trainer.steps) > 4 * NUM_STEPS
+    assert any(step["metrics"]["rounds"] >= 2 for step in trainer.steps)
+
+
+def test_trained_batch_shapes_are_constant(trained):
+    trainer, _ = trained
+    rows_per_generation = trainer.args.per_device_train_batch_size * trainer.args.steps_per_generation
+    for step in trainer.steps:
+        batch = step["batch"]
+        assert {key for key, value in batch.items() if value.dim() > 0} >= {
+            "prompt_ids",
+            "prompt_mask",
+            "completion_ids",
+            "completion_mask",
+            "advantages",
+        }
+        for key, value in batch.items():
+            if value.dim() > 0:
+                assert value.size(0) == rows_per_generation == 16, key
+        assert batch["prompt_mask"].shape == batch["prompt_ids"].shape
+        assert batch["completion_mask"].shape == batch["completion_ids"].shape
+        if "old_per_token_logps" in batch:
+            assert batch["old_per_token_logps"].shape == batch["completion_ids"].shape
+        # rows from different rounds were re-padded: prompts on the left (mask 0..0 1..1), completions on the right
+        assert (batch["prompt_mask"].diff(dim=1) >= 0).all() and (batch["prompt_mask"][:, -1] == 1).all()
+        assert (batch["completion_mask"].diff(dim=1) <= 0).all() and (batch["completion_mask"][:, 0] == 1).all()
+        pad_id = trainer.processing_class.pad_token_id
+        assert (batch["prompt_ids"][batch["prompt_mask"] == 0] == pad_id).all()
+        assert (batch["completion_ids"][batch["completion_mask"] == 0] == pad_id).all()
+        # the loss normalizer counts exactly the loss tokens of the batch
+        assert batch["num_items_in_batch"].item() == batch["completion_mask"].sum().item()
+    # every micro-batch trained on has per_device_train_batch_size rows; 2 per optimizer step
+    assert trainer.micro_batch_rows == [trainer.args.per_device_train_batch_size] * (2 * NUM_STEPS)
+    assert all(math.isfinite(loss) for loss in trainer.micro_batch_losses)
+
+
+def test_surplus_groups_are_trained_in_the_next_step(trained):
+    trainer, _ = trained
+    tokenizer = trainer.processing_class
+    steps_with_surplus = [index for index in range(NUM_STEPS - 1) if trainer.steps[index]["buffer"]]
+    assert steps_with_surplus, "this seed should leave surplus groups after some step"
+    assert trainer.steps[0]["metrics"]["groups_from_buffer"] == 0
+    for index in range(NUM_STEPS):
+        step = trainer.steps[index]
+        assert step["metrics"]["buffer_size"] * GROUP_SIZE == len(step["buffer"])
+        previous_buffer = trainer.steps[index - 1]["buffer"] if index else []
+        assert step["metrics"]["groups_from_buffer"] * GROUP_SIZE == len(previous_buffer)
+    for index in steps_with_surplus:
+        surplus = trainer.steps[index]["buffer"]
+        # the surplus groups are valid groups that were NOT trained this step ...
+        trained_now = {row_key(row) for row in split_rows(trainer.steps[index]["batch"], 16)}
+        assert not trained_now & {row_key(row) for row in surplus}
+        for group in groups_of(decode_rows(tokenizer, stack_rows(surplus, trainer._pad_values))):
+            rewards = signal_reward(*zip(*group, strict=True))
+            assert max(rewards) > min(rewards)
+        # ... and are the first rows of the next step's batch, unchanged (tokens, advantages, old log-probs)
+        next_rows = split_rows(trainer.steps[index + 1]["batch"], 16)[: len(surplus)]
+        assert_rows_equal(next_rows, surplus, ROW_KEYS)
+    logged = [entry["dynamic_sampling/groups_from_buffer"] for entry in trainer.state.log_history if "loss" in entry]
+    assert logged == [step["metrics"]["groups_from_buffer"] for step in trainer.steps]
+    assert max(logged) > 0
+
+
+def test_buffered_rows_keep_the_sampling_policys_log_probs(trained):
+    trainer, _ = trained
+    checked = 0
+    for index in range(NUM_STEPS - 1):
+        step, next_step = trainer.steps[index], trainer.steps[index + 1]
+        if not step["buffer"]:
+            continue
+        checked += 1
+        surplus = stack_rows(step["buffer"], trainer._pad_values)
+        mask = surplus["completion_mask"].bool()
+        # stored when sampled: the log-probs of the policy that generated them (before this step's update)
+        assert_close(surplus["old_per_token_logps"][mask], step["buffer_policy_log_probs"][mask], atol=1e-5, rtol=0)
+        # in the next step: still those, not the updated policy's (that would make the ratio 1: no correction) ...
+        num_buffered = len(step["buffer"])
+        batch, current = next_step["batch"], next_step["batch_policy_log_probs"]
+        mask = batch["completion_mask"].bool()
+        mask[num_buffered:] = False
+        assert (batch["old_per_token_logps"][mask] - current[mask]).abs().max() > 1e-3
+        # ... while the fresh rows of that batch carry the current policy's (ratio 1, as on-policy TRL)
+        mask = batch["completion_mask"].bool()
+        mask[:num_buffered] = False
+        assert_close(batch["old_per_token_logps"][mask], current[mask], atol=1e-5, rtol=0)
+    assert checked > 0
+
+
+def test_completions_log_pairs_each_advantage_with_its_own_completion(trained):
+    trainer, _ = trained
+    for step in trainer.steps:
+        trained_advantages = {}
+        rows = decode_rows(trainer.processing_class, step["batch"])
+        for row, advantage in zip(rows, step["batch"]["advantages"].tolist(), strict=True):
+            trained_advantages.setdefault(row, []).append(advantage)
+        if step["buffer"]:  # surplus rows of the last round show the advantage they will be trained with
+            surplus = stack_rows(step["buffer"], {"prompt_ids": PAD, "completion_ids": PAD})
+            surplus_rows = decode_rows(trainer.processing_class, surplus)
+            for row, advantage in zip(surplus_rows, surplus["advantages"].tolist(), strict=True):
+                trained_advantages.setdefault(row, []).append(advantage)
+        logged = step["logged"]
+        assert len(logged["prompt"]) == len(logged["completion"]) == len(logged["advantages"]) == 16
+        for prompt, completion, advantage in zip(
+            logged["prompt"], logged["completion"], logged["advantages"], strict=True
+        ):
+            # a trained or surplus row shows its advantage; any other row belongs to a dropped zero-variance
+            # group, whose advantage is 0
+            expected = trained_advantages.get((prompt, completion), [0.0])
+            assert any(abs(advantage - value) < 1e-6 for value in expected), (prompt, completion, advantage, expected)
+
+
+def test_checkpoints_hold_the_surplus_buffer(trained):
+    trainer, output_dir = trained
+    for index, step in enumerate(trainer.steps):
+        path = output_dir / f"checkpoint-{index + 1}" / SURPLUS_BUFFER_FILE
+        assert path.exists(), path
+        saved = torch.load(path, weights_only=True)["rows"]
+        assert len(saved) == len(step["buffer"]) == step["metrics"]["buffer_size"] * GROUP_SIZE
+        assert_rows_equal(saved, step["buffer"], list(step["buffer"][0]) if step["buffer"] else [])
+
+
+def _checkpoint_with_surplus(trainer, output_dir):
+    index = next(index for index in range(NUM_STEPS - 1) if trainer.steps[index]["buffer"])
+    return index, str(output_dir / f"checkpoint-{index + 1}")
+
+
+def test_load_optimizer_and_scheduler_restores_the_buffer(trained, tiny_model_path, tmp_path):
+    trainer, output_dir = trained
+    index, checkpoint = _checkpoint_with_surplus(trainer, output_dir)
+    saved = trainer.steps[index]["buffer"]
+    fresh = GRPOTrainer(
+        model=tiny_model_path,
+        reward_funcs=signal_reward,
+        args=ds_config(tmp_path, max_steps=NUM_STEPS),
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+    )
+    fresh.create_optimizer_and_scheduler(num_training_steps=NUM_STEPS)
+    assert fresh._surplus.num_groups == 0
+    fresh._load_optimizer_and_scheduler(checkpoint)
+    assert fresh._surplus.num_groups == len(saved) // GROUP_SIZE > 0
+    assert_rows_equal(fresh._surplus.rows, saved, list(saved[0]))  # every key, bookkeeping included
+
+
+def test_resume_trains_the_restored_buffer_first(trained, tiny_model_path, tmp_path):
+    trainer, output_dir = trained
+    index, checkpoint = _checkpoint_with_surplus(trainer, output_dir)
+    saved = trainer.steps[index]["buffer"]
+    resumed = RecordingTrainer(
+        model=tiny_model_path,
+        reward_funcs=signal_reward,
+        args=ds_config(tmp_path, max_steps=index + 2),  # one step past the checkpoint
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+    )
+    resumed.train(resume_from_checkpoint=checkpoint)
+    assert len(resumed.steps) == 1
+    step = resumed.steps[0]
+    assert step["metrics"]["groups_from_buffer"] * GROUP_SIZE == len(saved) > 0
+    assert_rows_equal(split_rows(step["batch"], 16)[: len(saved)], saved, ROW_KEYS)
+    # the restored rows were not regenerated: same tokens the original run trained at this step
+    original_next = split_rows(trainer.steps[index + 1]["batch"], 16)[: len(saved)]
+    assert_rows_equal(original_next, saved, ["prompt_ids", "completion_ids"])
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "reinforce_pp_baseline"])
+def test_other_estimators_see_the_filtered_batch(estimator, tiny_model_path, tmp_path):
+    """Group estimators run per round (on whole groups); REINFORCE++-baseline's global whitening runs on the batch
+    that is trained, after filtering and buffering, so its statistics are those of the trained tokens."""
+    args = ds_config(tmp_path, max_steps=2, advantage_estimator=estimator)
+    trainer = RecordingTrainer(
+        model=tiny_model_path,
+        reward_funcs=signal_reward,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+    )
+    trainer.train()
+    assert sum(step["metrics"]["rounds"] for step in trainer.steps) > len(trainer.steps)  # filtering happened
+    for step in trainer.steps:
+        batch = step["batch"]
+        rewards = torch.tensor(signal_reward(*zip(*decode_rows(trainer.processing_class, batch), strict=True)))
+        centered = rewards.view(-1, GROUP_SIZE) - rewards.view(-1, GROUP_SIZE).mean(dim=1, keepdim=True)
+        assert (centered.abs().amax(dim=1) > 0).all()  # no zero-variance group
+        if estimator == "rloo":
+            # A_i = r_i - mean of the 3 others = 4/3 (r_i - mean_g r), from the row's own (re-scored) reward
+            assert_close(batch["advantages"], (4 / 3 * centered).flatten(), atol=1e-5, rtol=0)
+        else:
+            # token advantages: r_i - mean_g r on every valid token, z-scored over the valid tokens of THIS batch
+            mask = batch["completion_mask"].float()
+            tokens = centered.flatten().unsqueeze(1) * mask
+            mean = tokens.sum() / mask.sum()
+            std = (((tokens - mean) ** 2 * mask).sum() / mask.sum()).sqrt()
+            assert_close(batch["advantages"], (tokens - mean) / std * mask, atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Exhaustion of max_num_gen_batches
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_exhaustion_trains_nothing_with_every_group_masked(tiny_model_path, tmp_path, caplog):
+    reward = ConstantReward()
+    trainer = RecordingTrainer(
+        model=tiny_model_path,
+        reward_funcs=reward,
+        args=ds_config(tmp_path, max_steps=1, max_num_gen_batches=2),
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+    )
+    weights_before = {name: value.detach().clone() for name, value in trainer.model.named_parameters()}
+    with caplog.at_level(logging.WARNING, logger="trl_plus"):
+        trainer.train()
+    assert reward.calls == 2  # exactly max_num_gen_batches rounds, then it stops
+    (step,) = trainer.steps
+    assert step["metrics"]["rounds"] == 2
+    assert step["metrics"]["groups_generated"] == 8
+    assert step["metrics"]["groups_kept"] == 0
+    assert step["metrics"]["groups_masked"] == 4
+    assert step["metrics"]["zero_std_fraction"] == 1.0
+    assert step["batch"]["completion_ids"].size(0) == 16  # still a full batch
+    assert step["batch"]["completion_mask"].sum().item() == 0
+    assert step["batch"]["num_items_in_batch"].item() == 0
+    assert trainer.micro_batch_losses == [0.0, 0.0]
+    (log,) = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert log["loss"] == 0.0 and log["dynamic_sampling/groups_masked"] == 4.0
+    # a fully masked batch leaves the model as it was (no weight decay by default)
+    for name, value in trainer.model.named_parameters():
+        assert torch.equal(value.detach(), weights_before[name]), name
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert any("max_num_gen_batches" in message and "masked" in message for message in warnings), warnings
+
+
+def test_exhaustion_masks_only_the_missing_groups(tiny_model_path, tmp_path):
+    # one round per generation, off-policy (TRL computes the old log-probs): about half the 4 groups are valid
+    args = ds_config(
+        tmp_path, max_steps=4, max_num_gen_batches=1, gradient_accumulation_steps=1, steps_per_generation=2
+    )
+    assert args.has_old_log_probs and args.generation_batch_size == 16
+    trainer = RecordingTrainer(
+        model=tiny_model_path,
+        reward_funcs=signal_reward,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+    )
+    trainer.train()
+    assert len(trainer.steps) == 2  # 4 optimizer steps, 2 micro-batches per generation
+    partly_masked = 0
+    for step in trainer.steps:
+        metrics, batch = step["metrics"], step["batch"]
+        assert metrics["rounds"] == 1
+        assert metrics["groups_kept"] + metrics["groups_masked"] == 4
+        assert batch["completion_ids"].size(0) == 16
+        partly_masked += 0 < metrics["groups_masked"] < 4
+        group_masks = batch["completion_mask"].view(4, GROUP_SIZE, -1).sum(dim=(1, 2))
+        num_kept = metrics["groups_kept"]
+        # valid groups first, then the masked (filler) groups
+        assert (group_masks[:num_kept] > 0).all() and (group_masks[num_kept:] == 0).all()
+        for group_index, group in enumerate(groups_of(decode_rows(trainer.processing_class, batch))):
+            rewards = signal_reward(*zip(*group, strict=True))
+            # kept groups have signal; masked groups are the zero-variance ones (no valid group was thrown away)
+            assert (max(rewards) > min(rewards)) == (group_index < num_kept), (group_index, group, rewards)
+        assert batch["num_items_in_batch"].item() == batch["completion_mask"].sum().item() > 0
+        assert batch["old_per_token_logps"].shape == batch["completion_ids"].shape
+    assert partly_masked > 0
+    assert trainer.micro_batch_rows == [8] * 4
+    assert all(math.isfinite(loss) for loss in trainer.micro_batch_losses)
+
+
+def test_exhaustion_raises_when_strict(tiny_model_path, tmp_path):
+    reward = ConstantReward()
+    trainer = GRPOTrainer(
+        model=tiny_model_path,
+        reward_funcs=reward,
+        args=ds_config(tmp_path, max_steps=1, max_num_gen_batches=2, dynamic_sampling_strict=True),
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+    )
+    with pytest.raises(RuntimeError, match="max_num_gen_batches"):
+        trainer.train()
+    assert reward.calls == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Two processes (torchrun, gloo on CPU)
+# ---------------------------------------------------------------------------------------------------------------------
+
+TIMEOUT_S = 240  # a normal run takes ~20 s on 2 CPU cores; running past this means a deadlock
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop(launcher, out):
+    """Stop a hung launch: torchrun on SIGTERM stops its workers; then kill the workers it leaves, by their pid."""
+    launcher.terminate()
+    try:
+        launcher.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        launcher.kill()
+        launcher.wait()
+    for pid_file in out.glob("pid*"):
+        pid = int(pid_file.read_text())
+        try:
+            if CHECK_SCRIPT.name in Path(f"/proc/{pid}/cmdline").read_text():
+                os.kill(pid, signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # already gone
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tiny_model_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dynamic-sampling-2proc")
+    port = str(_free_port())
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    command += [str(CHECK_SCRIPT), "--model", tiny_model_path, "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    log_path = out / "launch.log"
+    with open(log_path, "w") as log:  # a file, not a pipe: a worker left behind cannot block the read
+        launcher = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            launcher.wait(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            _stop(launcher, out)
+            tail = log_path.read_text()[-6000:]
+            pytest.fail(f"2-process dynamic sampling did not finish in {TIMEOUT_S} s (deadlock?)\n{tail}")
+    assert launcher.returncode == 0, log_path.read_text()[-6000:]
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+def _check_global_rows(step, num_groups):
+    rows = step["global_rows"]
+    assert len(rows) == num_groups * GROUP_SIZE
+    assert [row["rank"] for row in rows] == [0] * 6 + [1] * 6  # rank 0's slice, then rank 1's
+    groups = groups_of(rows)
+    assert {row["rank"] for row in groups[1]} == {0, 1}  # group 1 straddles the two processes
+    masked_groups = 0
+    for group in groups:
+        assert len({row["prompt"] for row in group}) == 1, group  # a group's rows belong together
+        masks = {row["masked"] for row in group}
+        assert len(masks) == 1, group  # a group is masked whole or not at all
+        rewards = [row["reward"] for row in group]
+        if masks == {True}:
+            masked_groups += 1
+            assert max(rewards) == min(rewards), group  # only zero-variance groups fill a short batch
+        else:
+            assert max(rewards) > min(rewards), f"zero-variance group trained: {group}"
+    assert masked_groups == step["metrics"]["groups_masked"]
+
+
+def test_two_processes_filter_identically(two_process_run):
+    rank0, rank1 = two_process_run
+    assert rank0["world_size"] == rank1["world_size"] == 2
+    run0, run1 = rank0["signal"], rank1["signal"]
+    assert run0["error"] is None and run1["error"] is None
+    assert len(run0["steps"]) == len(run1["steps"]) == 3
+    for step0, step1 in zip(run0["steps"], run1["steps"], strict=True):
+        assert step0["num_rows"] == step1["num_rows"] == 6  # per_device_train_batch_size * steps_per_generation
+        # each process pads its own rows (widths may differ), but every per-row tensor has the same row count
+        assert all(shape[0] == 6 for shape in [*step0["shapes"].values(), *step1["shapes"].values()])
+        assert step0["shapes"].keys() == step1["shapes"].keys()
+        assert step0["metrics"] == step1["metrics"]  # rounds, kept, from buffer, ... decided from gathered data
+        assert step0["global_rows"] == step1["global_rows"]
+        assert step0["metrics"]["groups_masked"] == 0 and step0["metrics"]["groups_kept"] == 3
+        assert step0["num_items_in_batch"] == step1["num_items_in_batch"] == step0["global_loss_tokens"]
+        _check_global_rows(step0, num_groups=3)
+    assert any(step["metrics"]["rounds"] > 1 for step in run0["steps"])
+    assert any(step["metrics"]["groups_from_buffer"] > 0 for step in run0["steps"])
+    assert run0["micro_batch_rows"] == run1["micro_batch_rows"] == [6] * 3
+    assert all(math.isfinite(loss) for loss in run0["micro_batch_losses"] + run1["micro_batch_losses"])
+
+
+def test_two_processes_exhaustion_masks_every_group(two_process_run):
+    for rank in two_process_run:
+        run = rank["exhausted"]
+        assert run["error"] is None
+        (step,) = run["steps"]
+        assert step["metrics"]["rounds"] == 2 and step["metrics"]["groups_masked"] == 3
+        assert step["num_rows"] == 6 and step["num_items_in_batch"] == 0
+        _check_global_rows(step, num_groups=3)
+        assert run["micro_batch_losses"] == [0.0]
+
+
+def test_two_processes_strict_exhaustion_raises_on_both(two_process_run):
+    for rank in two_process_run:
+        run = rank["strict"]
+        assert run["error"] is not None and "max_num_gen_batches" in run["error"]
+        assert run["steps"] == []

@@ -1,0 +1,722 @@
+"""`PPOConfig` / `PPOTrainer`: PPO with a critic (GAE, KL in the reward) on TRL's generation path; `VAPOConfig` on top.
+
+`PPOTrainer` is `trl_plus.GRPOTrainer` (so TRL's generation, reward functions / reward models, PEFT, logging) with
+three hooks, each wrapping `super()`:
+
+- `_generate_and_score_round`: after TRL generated and scored, the critic gives the old values V(s_t) of every
+  completion token (no gradient), the sequence score goes on the last token and -beta * KL on every token
+  (InstructGPT, arXiv 2203.02155 eq. 2), and GAE (arXiv 1506.02438) turns them into token advantages `(B, T)` and
+  value targets. `_generate_and_score_completions` then whitens the advantages over the global batch and updates the
+  KL controller (arXiv 1909.08593) once per generation batch.
+- `_compute_loss`: the critic's clipped value loss is computed and back-propagated first, with only the critic active,
+  and its activations are freed; then the policy loss is `super()._compute_loss` (TRL's or the registry's PPO clip on
+  the token advantages), plus VAPO's positive-example NLL. The Trainer back-propagates the returned policy loss.
+- `training_step`: with several processes, averages the critic's gradients over processes before the optimizer step
+  (DDP ignores the critic's parameters; see "Critic" below).
+
+Critic. By default (`value_model=None`) the critic is a second LoRA adapter, "critic", plus a scalar value head on the
+policy's own PEFT model: one copy of the base weights serves the policy (adapter "default"), the critic (adapter
+"critic") and the reference (adapters disabled). Otherwise `value_model` is a separate model (a path loaded with
+`AutoModelForTokenClassification(num_labels=1)`, or a model object such as a reward model,
+`AutoModelForSequenceClassification`) whose `score` head is applied to the hidden state of every token. Either way the
+critic's modules are attributes of the trained model (`value_head` or `value_model`), so the Trainer's optimizer
+(`critic_learning_rate` gets its own parameter groups), gradient clipping, LR schedule and optimizer checkpoint cover
+them; their weights are saved next to the policy's (`critic/` and `value_model/` in a checkpoint).
+
+Why the critic gets its own backward: its forward must run with the critic adapter active and the policy's with the
+policy adapter active, and gradient checkpointing re-runs each layer's forward during the backward, reading whichever
+adapter is active then. Back-propagating the value loss while the critic adapter is still active makes that recompute
+correct, and freeing the critic's activations before the policy forward keeps the peak memory near GRPO's. DDP expects
+one backward per forward of its module, so the critic's parameters are excluded from DDP and `training_step` averages
+their gradients itself. DeepSpeed and FSDP are therefore not supported yet; nor is vLLM (its weight sync would send the
+critic's modules to vLLM).
+
+VAPO (arXiv 2504.05118) is the same trainer with other defaults (`VAPOConfig`): decoupled GAE (lambda_critic = 1,
+lambda_policy = 0.95, or length-adaptive 1 - 1 / (alpha * length) with alpha = 0.05), value pretraining (the first
+`value_pretrain_steps` optimizer steps train only the critic, on Monte-Carlo returns), a positive-example LM loss
+(mu = 0.1), Clip-Higher (0.2 / 0.28), token-level loss and several samples per prompt.
+"""
+
+import copy
+import json
+import logging
+import os
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+
+import safetensors.torch
+import torch
+from accelerate.utils import is_peft_model
+from torch import nn
+from transformers import AutoModelForTokenClassification, PreTrainedModel
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import disable_dropout_in_model
+
+from ..algos import KL_ESTIMATORS, masked_whiten
+from ..algos.value import (
+    AdaptiveKLController,
+    FixedKLController,
+    clipped_value_loss,
+    decoupled_gae,
+    explained_variance,
+    kl_shaped_token_rewards,
+    length_adaptive_lambda,
+)
+from .grpo import GRPOConfig, GRPOTrainer
+
+logger = logging.getLogger(__name__)
+
+POLICY_ADAPTER = "default"  # the adapter TRL trains (and disables for the reference)
+CRITIC_ADAPTER = "critic"
+VALUE_HEAD = "value_head"  # attribute of the trained model holding the LoRA critic's head
+VALUE_MODEL = "value_model"  # attribute of the trained model holding a separate critic
+VALUE_HEAD_FILE = "value_head.safetensors"  # saved in the critic adapter's folder, `critic/`
+PPO_STATE_FILE = "ppo_state.json"
+
+
+class _GroupSizeForTRLCheck(int):
+    """`num_generations=1` while `trl.GRPOConfig.__post_init__` runs: TRL rejects `num_generations < 2` because a
+    GRPO group baseline needs two samples, but PPO's baseline is its critic. Compares like 2 in `<` and is 1 in every
+    other operation (`generation_batch_size % num_generations` must still see 1); `PPOConfig.__post_init__` puts a
+    plain `int` back right after."""
+
+    def __lt__(self, other):
+        return 2 < other
+
+
+@dataclass
+class PPOConfig(GRPOConfig):
+    """`trl_plus.GRPOConfig` for PPO with a critic: GAE on KL-shaped token rewards, value loss, adaptive KL.
+
+    TRL's fields keep their meaning: `num_iterations` is the number of PPO epochs over a generation batch and
+    `steps_per_generation` the number of mini-batches it is split into (one optimizer step each when it equals
+    `gradient_accumulation_steps`); `epsilon` / `epsilon_high` clip the policy ratio; `beta` is the initial KL
+    coefficient. Defaults that differ from GRPO: one completion per prompt (`num_generations=1`), `beta=0.05` with k1
+    KL in the reward. With `beta=0` there is no KL at all and `kl_in_reward` / `kl_estimator` are reset to their
+    no-KL values (False / 'k3').
+    """
+
+    num_generations: int | None = field(
+        default=1,
+        metadata={"help": "Completions per prompt. PPO's baseline is the critic, so 1 works; more are allowed."},
+    )
+    beta: float = field(
+        default=0.05,
+        metadata={"help": "Initial KL coefficient (the fixed one when `kl_target` is None). 0 disables the KL."},
+    )
+    kl_in_reward: bool = field(
+        default=True,
+        metadata={"help": "Put -beta * KL_t in the token reward (InstructGPT) instead of beta * KL in the loss."},
+    )
+    kl_estimator: str = field(
+        default="k1", metadata={"help": "KL estimator for the reward penalty: k1 (InstructGPT), k2 or k3."}
+    )
+    kl_target: float | None = field(
+        default=None,
+        metadata={
+            "help": "Adaptive KL controller (arXiv 1909.08593 sec. 2.2): target KL per sequence (sum over its tokens, "
+            "nats; the paper uses 6). None: beta stays fixed."
+        },
+    )
+    kl_horizon: float = field(
+        default=10000.0,
+        metadata={"help": "Adaptive KL controller horizon, in sequences (the paper: 10000)."},
+    )
+    gamma: float = field(default=1.0, metadata={"help": "Discount factor of GAE; 1.0 in RLHF."})
+    lam: float = field(
+        default=0.95, metadata={"help": "GAE lambda of the policy advantages (and of the value targets by default)."}
+    )
+    lam_critic: float | None = field(
+        default=None,
+        metadata={
+            "help": "GAE lambda of the value targets (decoupled GAE, VAPO: 1.0, i.e. Monte-Carlo returns when "
+            "gamma = 1). None: the same as `lam`."
+        },
+    )
+    length_adaptive_alpha: float | None = field(
+        default=None,
+        metadata={
+            "help": "Length-adaptive GAE (VAPO): the policy lambda of a completion of length l is 1 - 1/(alpha * l), "
+            "clamped to [0, 1]; replaces `lam`. VAPO uses alpha = 0.05. None: off."
+        },
+    )
+    whiten_advantages: bool = field(
+        default=True,
+        metadata={"help": "Z-score the token advantages over the valid tokens of the global batch (all processes)."},
+    )
+    vf_coef: float = field(
+        default=0.1,
+        metadata={
+            "help": "Weight of the value loss. The critic has its own parameters, so this mostly sets the critic's "
+            "share of the gradient norm that `max_grad_norm` clips (one clip over policy and critic)."
+        },
+    )
+    cliprange_value: float | None = field(
+        default=0.2,
+        metadata={"help": "Value clipping around the rollout's values, in reward units. None: unclipped loss."},
+    )
+    critic_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the critic (adapter and head, or value model). None: `learning_rate`."},
+    )
+    value_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Path or id of a separate critic, loaded with AutoModelForTokenClassification(num_labels=1) (a "
+            "reward-model checkpoint works: its `score` head becomes the value head). None: a LoRA critic on the "
+            "policy's own base model (needs a PEFT policy)."
+        },
+    )
+    critic_lora_r: int | None = field(
+        default=None, metadata={"help": "Rank of the LoRA critic. None: the policy adapter's rank."}
+    )
+    critic_lora_alpha: int | None = field(
+        default=None, metadata={"help": "LoRA alpha of the LoRA critic. None: the policy adapter's."}
+    )
+    value_pretrain_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Value pretraining (VAPO, VC-PPO): the first N optimizer steps train only the critic, on "
+            "Monte-Carlo returns (lambda = 1) of the initial policy; the policy is frozen. They count in max_steps."
+        },
+    )
+    positive_lm_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "VAPO positive-example LM loss weight mu: + mu * NLL of the completions whose reward is above "
+            "`positive_reward_threshold` (token mean over them). VAPO: 0.1."
+        },
+    )
+    positive_reward_threshold: float = field(
+        default=0.0,
+        metadata={
+            "help": "A completion is a positive example when its reward (the weighted sum of the reward functions, "
+            "without KL) is > this. 0.0 suits 0/1 or -1/+1 correctness rewards."
+        },
+    )
+
+    def __post_init__(self):
+        if self.beta == 0.0:  # no KL: where it would go and how it would be estimated do not apply
+            self.kl_in_reward, self.kl_estimator = False, "k3"
+        self._validate_ppo()
+        single_sample = self.num_generations == 1
+        if single_sample:
+            self.num_generations = _GroupSizeForTRLCheck(1)
+        try:
+            super().__post_init__()
+        finally:
+            if single_sample:
+                self.num_generations = 1
+
+    def _validate_ppo(self) -> None:
+        def check(condition: bool, message: str) -> None:
+            if not condition:
+                raise ValueError(message)
+
+        check(self.num_generations is None or self.num_generations >= 1, "`num_generations` must be >= 1.")
+        check(0.0 <= self.gamma <= 1.0, f"`gamma` must be in [0, 1], got {self.gamma}.")
+        check(0.0 <= self.lam <= 1.0, f"`lam` must be in [0, 1], got {self.lam}.")
+        check(
+            self.lam_critic is None or 0.0 <= self.lam_critic <= 1.0,
+            f"`lam_critic` must be in [0, 1], got {self.lam_critic}.",
+        )
+        check(
+            self.length_adaptive_alpha is None or self.length_adaptive_alpha > 0,
+            f"`length_adaptive_alpha` must be > 0 (VAPO: 0.05), got {self.length_adaptive_alpha}.",
+        )
+        check(self.vf_coef >= 0, f"`vf_coef` must be >= 0, got {self.vf_coef}.")
+        check(
+            self.cliprange_value is None or self.cliprange_value > 0,
+            f"`cliprange_value` must be > 0 or None, got {self.cliprange_value}.",
+        )
+        check(
+            self.critic_learning_rate is None or self.critic_learning_rate > 0,
+            f"`critic_learning_rate` must be > 0, got {self.critic_learning_rate}.",
+        )
+        check(self.beta >= 0, f"`beta` must be >= 0, got {self.beta}.")
+        check(self.kl_target is None or self.kl_target > 0, f"`kl_target` must be > 0 or None, got {self.kl_target}.")
+        check(
+            self.kl_target is None or self.beta > 0,
+            "`kl_target` adapts beta multiplicatively, so it needs an initial `beta > 0`.",
+        )
+        check(self.kl_horizon > 0, f"`kl_horizon` must be > 0, got {self.kl_horizon}.")
+        check(self.value_pretrain_steps >= 0, f"`value_pretrain_steps` must be >= 0, got {self.value_pretrain_steps}.")
+        check(self.positive_lm_coef >= 0, f"`positive_lm_coef` must be >= 0, got {self.positive_lm_coef}.")
+        for name in ("critic_lora_r", "critic_lora_alpha"):
+            check(getattr(self, name) is None or getattr(self, name) > 0, f"`{name}` must be > 0 or None.")
+        check(
+            self.advantage_estimator == "grpo",
+            f"PPO computes GAE advantages from its critic; `advantage_estimator={self.advantage_estimator!r}` does "
+            "not apply. Leave it at its default.",
+        )
+        check(
+            self.multi_objective_aggregation == "sum_then_normalize",
+            "PPO scores a completion with the weighted sum of the rewards; set "
+            "`multi_objective_aggregation='sum_then_normalize'`.",
+        )
+        check(
+            not (self.dynamic_sampling and (self.num_generations or 1) < 2),
+            "`dynamic_sampling` keeps groups whose rewards differ, so it needs num_generations >= 2.",
+        )
+        check(
+            not self.use_vllm,
+            "PPOTrainer does not support use_vllm yet: vLLM's weight sync would also send the critic's modules "
+            "(value head / value model), which vLLM does not know.",
+        )
+
+
+@dataclass
+class VAPOConfig(PPOConfig):
+    """VAPO (arXiv 2504.05118): PPO with decoupled, length-adaptive GAE (lambda_critic = 1.0, lambda_policy =
+    1 - 1/(0.05 * length)), value pretraining, a positive-example LM loss (mu = 0.1), Clip-Higher (0.2 / 0.28),
+    token-level loss, several samples per prompt and no KL penalty. The paper pretrains the value model for 50 steps
+    and samples 16 completions per prompt; its critic learning rate is 2x the actor's (set `critic_learning_rate`)."""
+
+    num_generations: int | None = field(default=4, metadata={"help": "Samples per prompt (the paper: 16)."})
+    beta: float = field(default=0.0, metadata={"help": "VAPO uses no KL penalty."})
+    kl_in_reward: bool = field(default=False, metadata={"help": "No KL (beta = 0)."})
+    kl_estimator: str = field(default="k3", metadata={"help": "No KL (beta = 0)."})
+    lam: float = field(default=0.95, metadata={"help": "Policy lambda when length_adaptive_alpha is None."})
+    lam_critic: float | None = field(default=1.0, metadata={"help": "Decoupled GAE: Monte-Carlo value targets."})
+    length_adaptive_alpha: float | None = field(
+        default=0.05, metadata={"help": "Length-adaptive GAE: lambda_policy = 1 - 1/(0.05 * length)."}
+    )
+    value_pretrain_steps: int = field(default=50, metadata={"help": "Value pretraining steps (the paper: 50)."})
+    positive_lm_coef: float = field(default=0.1, metadata={"help": "Positive-example LM loss weight mu = 0.1."})
+    epsilon: float = field(default=0.2, metadata={"help": "Lower clip eps_low = 0.2."})
+    epsilon_high: float | None = field(default=0.28, metadata={"help": "Clip-Higher eps_high = 0.28."})
+    loss_type: str = field(default="dapo", metadata={"help": "Token-level loss."})
+
+
+class PPOTrainer(GRPOTrainer):
+    """PPO with a critic on TRL's generation path; see the module docstring.
+
+    Takes `trl.GRPOTrainer`'s arguments plus `value_model` (a path, or a model with a per-token `score` head such as a
+    reward model; overrides `args.value_model`) and `critic_peft_config` (the LoRA critic's config; default: a copy of
+    the policy adapter's config with `critic_lora_r` / `critic_lora_alpha` applied). Without `value_model` the policy
+    must be a PEFT model (pass `peft_config`).
+    """
+
+    config_class = PPOConfig
+    _tag_names = ["trl", "trl-plus", "ppo"]
+    _name = "PPO"
+
+    def __init__(
+        self, model, reward_funcs=None, args=None, *positional, value_model=None, critic_peft_config=None, **kwargs
+    ):
+        if args is not None and not isinstance(args, PPOConfig):
+            raise TypeError(f"{type(self).__name__} needs a trl_plus.PPOConfig (or VAPOConfig), got {type(args)}.")
+        super().__init__(model, reward_funcs, args, *positional, **kwargs)
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise NotImplementedError(
+                "PPOTrainer supports single-process and DDP training: the critic's separate backward and its manual "
+                "gradient averaging are not wired into DeepSpeed or FSDP yet."
+            )
+        self._kl_controller = (
+            AdaptiveKLController(self.args.beta, self.args.kl_target, self.args.kl_horizon)
+            if self.args.kl_target is not None
+            else FixedKLController(self.args.beta)
+        )
+        self._captured_log_probs = None
+        self._setup_critic(value_model if value_model is not None else self.args.value_model, critic_peft_config)
+
+    # ------------------------------------------------------------------ critic setup
+    def _setup_critic(self, value_model, critic_peft_config) -> None:
+        """Attach the critic to the trained model and record which parameters belong to the policy and the critic."""
+        args = self.args
+        model = self.model
+        self._is_peft = is_peft_model(model)
+        self._uses_lora_critic = value_model is None
+        self._policy_params = [param for param in model.parameters() if param.requires_grad]
+        device = next(model.parameters()).device
+        with torch.random.fork_rng(devices=[]):
+            # The same initial critic on every process and in every run; seed + 1 so that the critic adapter does not
+            # start as a copy of the policy adapter (PEFT initialized that one right after `set_seed(args.seed)`).
+            torch.manual_seed(args.seed + 1)
+            if self._uses_lora_critic:
+                self._add_lora_critic(model, critic_peft_config, device)
+            else:
+                value_model = self._load_value_model(value_model)
+                value_model.requires_grad_(True)
+                if args.disable_dropout:
+                    disable_dropout_in_model(value_model)
+                if args.gradient_checkpointing:
+                    value_model.gradient_checkpointing_enable(args.gradient_checkpointing_kwargs)
+                setattr(model, VALUE_MODEL, value_model.to(device))
+
+        def is_critic(name: str) -> bool:
+            if self._uses_lora_critic:
+                return name.startswith(f"{VALUE_HEAD}.") or f".{CRITIC_ADAPTER}." in name
+            return name.startswith(f"{VALUE_MODEL}.")
+
+        self._critic_params = [param for name, param in model.named_parameters() if is_critic(name)]
+        self._restore_trainable()
+        # DDP reduces gradients during the one backward it expects per forward of its module; the critic has its own
+        # backward, so its parameters and buffers stay out of DDP and `training_step` averages its gradients.
+        critic_names = [name for name, _ in [*model.named_parameters(), *model.named_buffers()] if is_critic(name)]
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, critic_names)
+        if self.accelerator.num_processes > 1 and torch.distributed.is_initialized():
+            for param in self._critic_params:  # identical critics everywhere, whatever the user's model object was
+                torch.distributed.broadcast(param.data, src=0)
+
+    def _add_lora_critic(self, model, critic_peft_config, device) -> None:
+        if not self._is_peft:
+            raise ValueError(
+                "The default critic is a second LoRA adapter on the policy's base model, so the policy must be a PEFT "
+                "model: pass `peft_config=LoraConfig(...)`, or give a separate critic with `value_model=`."
+            )
+        if critic_peft_config is None:
+            critic_peft_config = copy.deepcopy(model.peft_config[POLICY_ADAPTER])
+            critic_peft_config.modules_to_save = None  # the critic needs no copy of the policy's extra modules
+            if self.args.critic_lora_r is not None:
+                critic_peft_config.r = self.args.critic_lora_r
+            if self.args.critic_lora_alpha is not None:
+                critic_peft_config.lora_alpha = self.args.critic_lora_alpha
+        critic_peft_config = copy.deepcopy(critic_peft_config)
+        critic_peft_config.inference_mode = False
+        if critic_peft_config.is_prompt_learning:
+            raise ValueError("The critic adapter must be a layer adapter such as LoRA, not a prompt-learning method.")
+        model.add_adapter(CRITIC_ADAPTER, critic_peft_config)
+        model.set_adapter(POLICY_ADAPTER)
+        for name, param in model.named_parameters():
+            if f".{CRITIC_ADAPTER}." in name:
+                param.requires_grad_(True)
+        hidden_size = model.config.get_text_config().hidden_size
+        head = nn.Linear(hidden_size, 1, device=device, dtype=torch.float32)
+        nn.init.normal_(head.weight, std=1.0 / (hidden_size + 1))
+        nn.init.zeros_(head.bias)
+        setattr(model, VALUE_HEAD, head)
+
+    def _load_value_model(self, value_model) -> PreTrainedModel:
+        if not isinstance(value_model, str):
+            return value_model
+        model_init_kwargs = dict(self.args.model_init_kwargs or {})
+        model_init_kwargs.pop("device_map", None)
+        model_init_kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
+        return AutoModelForTokenClassification.from_pretrained(value_model, num_labels=1, **model_init_kwargs)
+
+    def _restore_trainable(self) -> None:
+        """PEFT's `set_adapter` (also run when TRL re-enables adapters after the reference forward) sets
+        `requires_grad=False` on inactive adapters; both adapters must stay trainable (the optimizer and autograd read
+        the flag)."""
+        if self._is_peft:
+            for param in (*self._policy_params, *self._critic_params):
+                param.requires_grad_(True)
+
+    @contextmanager
+    def _critic_active(self, model):
+        """Only the critic adapter active (LoRA critic); nothing to switch for a separate value model."""
+        if not self._uses_lora_critic:
+            yield
+            return
+        model.set_adapter(CRITIC_ADAPTER)
+        self._restore_trainable()
+        try:
+            yield
+        finally:
+            model.set_adapter(POLICY_ADAPTER)
+            self._restore_trainable()
+
+    def _critic_modules(self, model):
+        """The critic's transformer body (returning hidden states) and its scalar head."""
+        if self._uses_lora_critic:
+            causal_lm = model.get_base_model()
+            return getattr(causal_lm, causal_lm.base_model_prefix), getattr(model, VALUE_HEAD)
+        value_model = getattr(model, VALUE_MODEL)
+        head = getattr(value_model, "score", None) or getattr(value_model, "classifier", None)
+        if head is None:
+            raise ValueError(f"{type(value_model).__name__} has no `score` or `classifier` head to read values from.")
+        return getattr(value_model, value_model.base_model_prefix), head
+
+    def _critic_forward(self, model, input_ids, attention_mask, num_completion_tokens: int) -> torch.Tensor:
+        """V(s_t) of every completion token, `(B, T)` float32: the head on the hidden state of the position that
+        predicts token t (aligned like TRL's log-probs). Call with the critic active."""
+        body, head = self._critic_modules(model)
+        with self.accelerator.autocast():
+            hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = hidden[:, -num_completion_tokens - 1 : -1]
+        return head(hidden.to(head.weight.dtype)).squeeze(-1).float()
+
+    @torch.no_grad()
+    def _critic_values(self, batch: dict) -> torch.Tensor:
+        """The rollout's values (no gradient), in chunks of `per_device_train_batch_size` rows."""
+        model = self.accelerator.unwrap_model(self.model)
+        input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        num_completion_tokens = batch["completion_ids"].size(1)
+        chunk = self.args.per_device_train_batch_size
+        gc_kwargs = self.args.gradient_checkpointing_kwargs
+        value_model = getattr(model, VALUE_MODEL, None)
+        with (
+            disable_gradient_checkpointing(self.model, gc_kwargs),
+            disable_gradient_checkpointing(value_model, gc_kwargs) if value_model is not None else nullcontext(),
+            self._critic_active(model),
+        ):
+            values = [
+                self._critic_forward(model, input_ids[rows], attention_mask[rows], num_completion_tokens)
+                for rows in (slice(start, start + chunk) for start in range(0, input_ids.size(0), chunk))
+            ]
+        return torch.cat(values, dim=0)
+
+    # ------------------------------------------------------------------ optimizer and gradients
+    def create_optimizer(self, model=None):
+        user_optimizer = self.optimizer is not None
+        optimizer = super().create_optimizer(model)
+        critic_lr = self.args.critic_learning_rate
+        if user_optimizer or critic_lr is None or critic_lr == self.args.learning_rate:
+            return optimizer
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"critic_learning_rate needs a torch.optim.Optimizer, got {type(optimizer).__name__}.")
+        critic_ids = {id(param) for param in self._critic_params}
+        critic_groups = []
+        for group in optimizer.param_groups:  # same weight-decay split, the critic's parameters in groups of their own
+            critic = [param for param in group["params"] if id(param) in critic_ids]
+            if critic:
+                group["params"] = [param for param in group["params"] if id(param) not in critic_ids]
+                critic_groups.append({**group, "params": critic, "lr": critic_lr})
+        optimizer.param_groups = [group for group in optimizer.param_groups if group["params"]]
+        for group in critic_groups:
+            optimizer.add_param_group(group)
+        return optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.num_processes > 1 and self.accelerator.sync_gradients:
+            self._average_critic_gradients()
+        return loss
+
+    def _average_critic_gradients(self) -> None:
+        """What DDP does for the policy: the mean over processes of the critic's accumulated gradients."""
+        grads = [param.grad if param.grad is not None else torch.zeros_like(param) for param in self._critic_params]
+        flat = self.accelerator.reduce(torch.cat([grad.flatten() for grad in grads]), reduction="mean")
+        offset = 0
+        for param, grad in zip(self._critic_params, grads, strict=True):
+            param.grad = flat[offset : offset + grad.numel()].view_as(param).to(param.dtype)
+            offset += grad.numel()
+
+    # ------------------------------------------------------------------ rollout: values, token rewards, GAE
+    def _in_value_pretraining(self) -> bool:
+        return self.model.training and self.state.global_step < self.args.value_pretrain_steps
+
+    def _generate_and_score_round(self, inputs):
+        output = super()._generate_and_score_round(inputs)
+        if "returns" not in output:  # the parent calls `_compute_advantages` only when the KL is in the reward
+            output["advantages"] = self._compute_advantages(output)
+        return output
+
+    def _compute_advantages(self, output: dict) -> torch.Tensor:
+        """GAE token advantages `(B, T)`, not yet whitened; stores `old_values`, `returns`, `scores`, `scored` too."""
+        args = self.args
+        mode = "train" if self.model.training else "eval"
+        mask = (output["completion_mask"] * output.get("tool_mask", 1)).float()
+        scores = self._local_rows(self._global_rewards(), output)
+        scored = ~torch.isnan(scores)  # no reward function scored it: no signal, out of every statistic
+        value_mask = mask * scored.unsqueeze(1)
+        old_values = self._critic_values(output)
+
+        kl = torch.zeros_like(mask)
+        ref_log_probs = output.get("ref_per_token_logps")
+        if ref_log_probs is not None and (args.kl_in_reward or args.kl_target is not None):
+            kl = KL_ESTIMATORS.get(args.kl_estimator)(self._old_log_probs(output), ref_log_probs)
+            kl = torch.where(mask.bool(), kl, 0.0)
+            if args.kl_in_reward:  # with the KL in the loss, TRL's loss logs `kl`
+                self._metrics[mode]["kl"].append(self._global_masked_mean(kl, value_mask))
+            output["kl_per_sequence"] = (kl * value_mask).sum(-1)
+        reward_beta = self._kl_controller.value if args.kl_in_reward else 0.0
+        token_rewards = kl_shaped_token_rewards(torch.nan_to_num(scores), kl, value_mask, reward_beta)
+
+        lengths = value_mask.sum(-1)
+        lam_policy = (
+            args.lam
+            if args.length_adaptive_alpha is None
+            else length_adaptive_lambda(lengths, args.length_adaptive_alpha)
+        )
+        lam_critic = args.lam if args.lam_critic is None else args.lam_critic
+        if self._in_value_pretraining():
+            lam_critic = 1.0  # value pretraining fits Monte-Carlo returns
+        advantages, returns = decoupled_gae(token_rewards, old_values, value_mask, args.gamma, lam_critic, lam_policy)
+        output["old_values"] = old_values
+        output["returns"] = returns
+        output["scores"] = torch.nan_to_num(scores)
+        output["scored"] = scored.float()
+        return advantages
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        args = self.args
+        mode = "train" if self.model.training else "eval"
+        mask = (output["completion_mask"] * output.get("tool_mask", 1)).float() * output["scored"].unsqueeze(1)
+        if args.whiten_advantages:
+            output["advantages"] = masked_whiten(output["advantages"], mask, self._all_reduce_sum)
+        self._log_advantages(output)
+        if args.positive_lm_coef > 0:
+            positive = (output["scores"] > args.positive_reward_threshold).float() * output["scored"]
+            totals = self._all_reduce_sum(torch.stack([(mask * positive.unsqueeze(1)).sum(), positive.sum()]))
+            output["num_positive_tokens"] = totals[0]
+            num_rows = self._all_reduce_sum(output["scored"].new_tensor(float(output["scored"].numel())))
+            self._metrics[mode]["positive_lm/fraction"].append((totals[1] / num_rows).item())
+        self._metrics[mode]["value/explained_variance"].append(
+            self._global_explained_variance(output["old_values"], output["returns"], mask)
+        )
+        kl_per_sequence = output.pop("kl_per_sequence", None)
+        if mode == "train":
+            self._metrics[mode]["kl/beta"].append(self._kl_controller.value)
+            if kl_per_sequence is not None:
+                totals = self._all_reduce_sum(torch.stack([kl_per_sequence.sum(), output["scored"].sum()]))
+                mean_kl = (totals[0] / totals[1].clamp(min=1.0)).item()
+                self._kl_controller.update(mean_kl, n_steps=int(totals[1].item()))
+                if self.beta != 0.0:
+                    self.beta = self._kl_controller.value
+        return output
+
+    def _global_explained_variance(self, values, returns, mask) -> float:
+        tensors = [self.accelerator.pad_across_processes(t, dim=1, pad_index=0) for t in (values, returns, mask)]
+        values, returns, mask = (self.accelerator.gather(t) for t in tensors)
+        return explained_variance(values, returns, mask).item()
+
+    # ------------------------------------------------------------------ loss
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        result = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        if self._captured_log_probs is not None:  # the policy forward of `_compute_loss`
+            self._captured_log_probs.append(result[0])
+        return result
+
+    def _token_mean_normalizer(self, count: torch.Tensor, mode: str) -> torch.Tensor:
+        """This micro-batch's share of a global token count, as the token_mean policy loss divides by it."""
+        num_tokens = count.clamp(min=1.0) / self.accelerator.num_processes
+        if mode == "train":
+            num_tokens = num_tokens * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        return num_tokens
+
+    def _compute_loss(self, model, inputs):
+        args = self.args
+        mode = "train" if self.model.training else "eval"
+        train_critic = mode == "train" and torch.is_grad_enabled()
+        self._restore_trainable()
+        value_loss = self._value_loss(model, inputs, mode, backward=train_critic)
+        if mode == "train" and self._in_value_pretraining():
+            # Policy frozen: no policy forward, so its parameters get no gradient and the optimizer skips them.
+            self._metrics[mode]["value/pretraining"].append(1.0)
+            zero = torch.zeros((), device=value_loss.device, requires_grad=True)
+            return zero + args.vf_coef * value_loss.detach()
+        if mode == "train":
+            self._metrics[mode]["value/pretraining"].append(0.0)
+
+        self._captured_log_probs = []
+        try:
+            loss = super()._compute_loss(model, inputs)
+            per_token_logps = self._captured_log_probs[-1]
+        finally:
+            self._captured_log_probs = None
+        mask = inputs["completion_mask"] * inputs.get("tool_mask", 1)
+        old_per_token_logps = inputs.get("old_per_token_logps")
+        old_per_token_logps = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
+        log_ratio = per_token_logps.detach() - old_per_token_logps
+        ratio = torch.exp(log_ratio)
+        self._metrics[mode]["ppo/approx_kl"].append(self._global_masked_mean((ratio - 1) - log_ratio, mask))
+        epsilon_high = self.epsilon_high
+        outside = (ratio < 1 - self.epsilon_low) | (ratio > 1 + epsilon_high)
+        self._metrics[mode]["ppo/clipfrac"].append(self._global_masked_mean(outside.float(), mask))
+
+        if args.positive_lm_coef > 0:
+            positive = (inputs["scores"] > args.positive_reward_threshold).float() * inputs["scored"]
+            positive_mask = mask * positive.unsqueeze(1)
+            nll_sum = -(per_token_logps * positive_mask).sum()
+            nll = nll_sum / self._token_mean_normalizer(inputs["num_positive_tokens"], mode)
+            loss = loss + args.positive_lm_coef * nll
+            self._metrics[mode]["positive_lm/loss"].append(
+                self._global_masked_mean(-per_token_logps.detach(), positive_mask)
+            )
+        critic_term = args.vf_coef * value_loss
+        return loss + (critic_term.detach() if train_critic else critic_term)
+
+    def _value_loss(self, model, inputs, mode: str, backward: bool) -> torch.Tensor:
+        """The clipped value loss of this micro-batch (token mean over the accumulation window, as the policy's);
+        back-propagated here, with the critic still active, when `backward`."""
+        args = self.args
+        unwrapped = self.accelerator.unwrap_model(model)
+        mask = (inputs["completion_mask"] * inputs.get("tool_mask", 1)).float() * inputs["scored"].unsqueeze(1)
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        with self._critic_active(unwrapped):
+            values = self._critic_forward(unwrapped, input_ids, attention_mask, inputs["completion_ids"].size(1))
+            # The sum over valid tokens (num_tokens = 1), then this micro-batch's share of the global count.
+            loss_sum, clipfrac = clipped_value_loss(
+                values, inputs["old_values"], inputs["returns"], mask, args.cliprange_value, num_tokens=torch.ones(())
+            )
+            value_loss = loss_sum / self._token_mean_normalizer(inputs["num_items_in_batch"], mode)
+            if backward:
+                self.accelerator.backward(args.vf_coef * value_loss)
+        num_tokens = mask.sum()
+        totals = self._all_reduce_sum(torch.stack([loss_sum.detach(), clipfrac * num_tokens, num_tokens]))
+        metrics = self._metrics[mode]
+        metrics["value/loss"].append((totals[0] / totals[2].clamp(min=1.0)).item())
+        metrics["value/clipfrac"].append((totals[1] / totals[2].clamp(min=1.0)).item())
+        metrics["value/mean"].append(self._global_masked_mean(values.detach(), mask))
+        return value_loss.detach() if backward else value_loss
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self, output_dir=None, state_dict=None):
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        if not self._is_peft and state_dict is None:  # keep the critic out of the policy's weights
+            state_dict = {k: v for k, v in model.state_dict().items() if not k.startswith(f"{VALUE_MODEL}.")}
+        super()._save(output_dir, state_dict)
+        if not self.args.should_save:
+            return
+        if self._uses_lora_critic:  # the adapter itself is in `critic/`, saved by PEFT with every adapter
+            head = getattr(model, VALUE_HEAD)
+            os.makedirs(os.path.join(output_dir, CRITIC_ADAPTER), exist_ok=True)
+            safetensors.torch.save_file(
+                {name: tensor.detach().contiguous().cpu() for name, tensor in head.state_dict().items()},
+                os.path.join(output_dir, CRITIC_ADAPTER, VALUE_HEAD_FILE),
+            )
+        else:
+            getattr(model, VALUE_MODEL).save_pretrained(os.path.join(output_dir, VALUE_MODEL))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if self._uses_lora_critic:  # the Trainer reloaded the `critic/` adapter (frozen); the head is ours
+            state = safetensors.torch.load_file(os.path.join(resume_from_checkpoint, CRITIC_ADAPTER, VALUE_HEAD_FILE))
+            getattr(unwrapped, VALUE_HEAD).load_state_dict(state)
+            unwrapped.set_adapter(POLICY_ADAPTER)
+        else:
+            value_model = getattr(unwrapped, VALUE_MODEL)
+            saved = type(value_model).from_pretrained(
+                os.path.join(resume_from_checkpoint, VALUE_MODEL), dtype=next(value_model.parameters()).dtype
+            )
+            value_model.load_state_dict(saved.state_dict())
+        self._restore_trainable()
+
+    def _issue_warnings_after_load(self, load_result):
+        if not self._uses_lora_critic:  # the value model is loaded from its own folder
+            load_result.missing_keys[:] = [k for k in load_result.missing_keys if not k.startswith(f"{VALUE_MODEL}.")]
+        super()._issue_warnings_after_load(load_result)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            checkpoint_dir = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            with open(os.path.join(checkpoint_dir, PPO_STATE_FILE), "w") as file:
+                json.dump({"kl_controller": self._kl_controller.state_dict()}, file)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = os.path.join(checkpoint, PPO_STATE_FILE) if checkpoint is not None else None
+        if path is not None and os.path.exists(path):
+            with open(path) as file:
+                self._kl_controller.load_state_dict(json.load(file)["kl_controller"])
+            if self.beta != 0.0:
+                self.beta = self._kl_controller.value
+
+
+class VAPOTrainer(PPOTrainer):
+    """PPOTrainer with `VAPOConfig` defaults (arXiv 2504.05118)."""
+
+    config_class = VAPOConfig
+    _tag_names = ["trl", "trl-plus", "vapo"]
+    _name = "VAPO"
