@@ -7,7 +7,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import trl_plus
 from trl_plus.algos import remax_advantages
-from trl_plus.sampling import GreedyRowsLogitsProcessor, greedy_row_mask
+from trl_plus.sampling import (
+    GreedyRowsLogitsProcessor,
+    greedy_last_in_vllm_server,
+    greedy_row_mask,
+    greedy_rows_in_vllm_colocate,
+)
 
 
 class RecordingReMaxTrainer(trl_plus.ReMaxTrainer):
@@ -101,6 +106,68 @@ def test_greedy_rows_never_enter_the_loss(remax_run):
     torch.testing.assert_close(trainer.compute_loss(trainer.model, inputs), loss)
 
 
-def test_remax_rejects_vllm_with_a_clear_message(tmp_path):
-    with pytest.raises(ValueError, match="remax.*use_vllm"):
-        make_config(trl_plus.ReMaxConfig, tmp_path, use_vllm=True)
+def test_remax_rejects_unsupported_generation_backends_with_a_clear_message(tmp_path):
+    with pytest.raises(ValueError, match="remax.*continuous_batching"):
+        make_config(trl_plus.ReMaxConfig, tmp_path, use_transformers_continuous_batching=True)
+    with pytest.raises(ValueError, match="remax.*vllm_tensor_parallel_size=1"):
+        make_config(trl_plus.ReMaxConfig, tmp_path, use_vllm=True, vllm_tensor_parallel_size=2)
+    assert make_config(trl_plus.ReMaxConfig, tmp_path, use_vllm=True).use_vllm
+
+
+class FakeSamplingParams:
+    """The part of vLLM's SamplingParams the colocate wrapper touches."""
+
+    def __init__(self, temperature=1.0, top_p=0.9, top_k=50, min_p=0.1):
+        self.temperature, self.top_p, self.top_k, self.min_p = temperature, top_p, top_k, min_p
+
+    def clone(self):
+        return FakeSamplingParams(self.temperature, self.top_p, self.top_k, self.min_p)
+
+
+def test_vllm_colocate_decodes_greedy_rows_with_temperature_zero_in_the_same_call():
+    calls = []
+
+    class FakeLLM:
+        def generate(self, prompts, sampling_params, use_tqdm=True):
+            calls.append((prompts, sampling_params, use_tqdm))
+            return ["done"]
+
+    llm, params = FakeLLM(), FakeSamplingParams()
+    with greedy_rows_in_vllm_colocate(llm, greedy_row_mask(4, 0, 2)):
+        assert llm.generate(["a", "a", "b", "b"], sampling_params=params, use_tqdm=False) == ["done"]
+    assert "generate" not in vars(llm)  # the class's method is back
+    ((prompts, per_prompt, use_tqdm),) = calls  # one call for samples and greedy rows together
+    assert prompts == ["a", "a", "b", "b"] and use_tqdm is False
+    assert per_prompt[0] is params and per_prompt[2] is params  # sampled rows keep the user's parameters
+    for greedy in (per_prompt[1], per_prompt[3]):
+        assert (greedy.temperature, greedy.top_p, greedy.top_k, greedy.min_p) == (0.0, 1.0, -1, 0.0)
+    assert params.temperature == 1.0  # the shared parameters were not modified
+
+
+def test_vllm_server_returns_samples_then_the_greedy_decode_per_prompt():
+    requests = []
+
+    class FakeClient:
+        def generate(self, prompts, n=1, temperature=1.0, max_tokens=16):
+            requests.append({"n": n, "temperature": temperature, "max_tokens": max_tokens})
+            # completion j of prompt p is [p, j, 0 if greedy else 1]
+            tag = 0 if temperature == 0.0 else 1
+            return {
+                "prompt_ids": [[p] for p in prompts],
+                "completion_ids": [[p, j, tag] for p in prompts for j in range(n)],
+                "logprobs": [[-float(p)] for p in prompts for _ in range(n)],
+                "logprob_token_ids": None,
+            }
+
+    client = FakeClient()
+    with greedy_last_in_vllm_server(client):
+        output = client.generate(prompts=[7, 8], n=3, temperature=0.7, max_tokens=5)
+    assert "generate" not in vars(client)
+    assert sorted(requests, key=lambda r: r["n"]) == [
+        {"n": 1, "temperature": 0.0, "max_tokens": 5},  # the greedy request
+        {"n": 2, "temperature": 0.7, "max_tokens": 5},  # G - 1 samples, the user's temperature
+    ]
+    assert output["prompt_ids"] == [[7], [8]]
+    assert output["completion_ids"] == [[7, 0, 1], [7, 1, 1], [7, 0, 0], [8, 0, 1], [8, 1, 1], [8, 0, 0]]
+    assert output["logprobs"] == [[-7.0]] * 3 + [[-8.0]] * 3
+    assert output["logprob_token_ids"] is None

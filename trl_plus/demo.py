@@ -32,7 +32,7 @@ from .tiny import build_char_tokenizer, build_tiny_model
 NUM_HELD_OUT = 256
 WARM_START_TARGET = 0.25  # stop the supervised phase at this held-out accuracy
 WARM_START_MAX_STEPS = 1000
-WARM_START_EVAL_EVERY = 10
+WARM_START_EVAL_EVERY = 5
 ANSWER_LENGTH = 3
 PROMPT_LENGTH = ANSWER_LENGTH + 1  # "abc:"
 

@@ -2,10 +2,20 @@
 greedy rows."""
 
 from .dynamic import SurplusBuffer, groups_with_signal, split_rows, stack_rows
-from .remax import GreedyRowsLogitsProcessor, greedy_row_mask, greedy_rows_in_generate
+from .remax import (
+    GreedyRowsLogitsProcessor,
+    append_greedy_completions,
+    greedy_last_in_vllm_server,
+    greedy_row_mask,
+    greedy_rows_in_generate,
+    greedy_rows_in_vllm_colocate,
+)
 
 __all__ = [
     "GreedyRowsLogitsProcessor",
+    "append_greedy_completions",
+    "greedy_last_in_vllm_server",
+    "greedy_rows_in_vllm_colocate",
     "SurplusBuffer",
     "greedy_row_mask",
     "greedy_rows_in_generate",

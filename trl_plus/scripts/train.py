@@ -108,7 +108,8 @@ def main(algorithm: str, argv: list[str] | None = None, prog: str | None = None)
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
-    trainer.end()  # finish the trackers (wandb, trackio, ...) and the process group
+    if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers (wandb, trackio, ...), the process group
+        trainer.end()
     return trainer
 
 

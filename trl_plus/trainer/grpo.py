@@ -13,6 +13,7 @@ With default settings nothing here runs: advantages and loss are TRL's own, so t
 
 import logging
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -37,8 +38,10 @@ from ..algos.process_rewards import process_advantages
 from ..rewards import MajorityVoteReward, OverlongPenalty, ProcessReward
 from ..sampling import (
     SurplusBuffer,
+    greedy_last_in_vllm_server,
     greedy_row_mask,
     greedy_rows_in_generate,
+    greedy_rows_in_vllm_colocate,
     groups_with_signal,
     split_rows,
     stack_rows,
@@ -202,11 +205,13 @@ class GRPOConfig(trl.GRPOConfig):
                 f"advantage_estimator='rloo' needs num_generations >= 2 (the baseline of a completion is the mean "
                 f"of the others in its group), got {self.num_generations}."
             )
-        if self.advantage_estimator == "remax" and (self.use_vllm or self.use_transformers_continuous_batching):
+        if self.advantage_estimator == "remax" and self.use_transformers_continuous_batching:
             raise ValueError(
-                "advantage_estimator='remax' decodes its greedy baseline inside transformers' `generate`; "
-                "use_vllm and use_transformers_continuous_batching are not supported with it yet."
+                "advantage_estimator='remax' does not support use_transformers_continuous_batching: its greedy rows "
+                "are set per `generate` call."
             )
+        if self.advantage_estimator == "remax" and self.use_vllm and self.vllm_tensor_parallel_size > 1:
+            raise ValueError("advantage_estimator='remax' with vLLM supports vllm_tensor_parallel_size=1 only.")
         if self.kl_in_reward and self.beta == 0.0:
             raise ValueError("`kl_in_reward=True` needs `beta > 0`: beta weighs the KL penalty in the reward.")
         if self.kl_estimator != "k3" and self.beta == 0.0:
@@ -383,8 +388,16 @@ class GRPOTrainer(trl.GRPOTrainer):
             return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
             )
-        model = self.accelerator.unwrap_model(self.model_wrapped)
-        with greedy_rows_in_generate(model, self._greedy_rows(len(prompt_ids), num_generations)):
+        greedy_rows = self._greedy_rows(len(prompt_ids), num_generations)
+        if not self.use_vllm:
+            greedy_context = greedy_rows_in_generate(self.accelerator.unwrap_model(self.model_wrapped), greedy_rows)
+        elif self.vllm_mode == "colocate":
+            greedy_context = greedy_rows_in_vllm_colocate(self.vllm_generation.llm, greedy_rows)
+        elif self.accelerator.is_main_process:  # server: only the main process sends the (gathered) prompts
+            greedy_context = greedy_last_in_vllm_server(self.vllm_generation.vllm_client)
+        else:
+            greedy_context = nullcontext()
+        with greedy_context:
             return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
             )
