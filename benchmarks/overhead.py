@@ -1,0 +1,448 @@
+"""Overhead of trl_plus against plain TRL: median step time and peak memory, side by side in one run.
+
+Run from the repository root (CPU, Linux; about 2.5 minutes on 2 idle cores):
+
+    /work/venv/bin/python benchmarks/overhead.py
+
+Options: `--steps 30 --repeats 3 --hidden-size 64 --threads 1 --device cpu|cuda --only defaults dapo ...`.
+On a busy machine, rerun the configurations over target with more repeats (`--only reinforce_pp --repeats 9`),
+and as root `nice -n -10` keeps other processes from stretching the steps.
+
+Each configuration is paired with the TRL configuration that computes the same thing; both train the same tiny
+model on the same prompts with the same seed. Every run is a fresh process, forked from a server that imported
+torch/transformers/trl once (a run then costs no 7 s import), so runs share no allocator state and each peak is
+its own. The two runs of a pair alternate A/B, B/A across repeats to cancel drift.
+
+- step time: TRL's own `step_time` metric (wall time of `training_step`, logged every step), the first 2 steps
+  dropped as warm-up, median over steps and repeats. Where one generation serves several steps (`num_iterations`
+  or `steps_per_generation` > 1), steps are first averaged over each generation cycle, so the median compares
+  whole cycles, not a generation step with an update-only step.
+- CPU time: process CPU time per optimizer step (a callback), same median; shown as a cross-check. Other load on
+  the cores barely moves it, so a step-time ratio over target with a CPU-time ratio within it means contention.
+- peak memory: on CPU, the peak RSS of the run (VmHWM, reset after imports and model load) minus the RSS then;
+  on CUDA, `torch.cuda.max_memory_allocated` minus the memory allocated then. Median over repeats.
+
+Completions have a fixed length (`min_new_tokens` suppresses eos, `forced_eos_token_id` ends every completion at
+`max_completion_length`), so algorithms that learn different lengths still do the same work per step and the
+ratios measure overhead only. Targets (from the issue): defaults within 2% of TRL in step time and memory; no
+other configuration more than 5% slower than its TRL counterpart.
+"""
+
+import argparse
+import math
+import multiprocessing as mp
+import os
+import statistics
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+
+from transformers import TrainerCallback
+
+# Modules the fork server imports once; every run is a fork of it.
+HEAVY_MODULES = ["torch", "transformers", "datasets", "trl", "trl_plus", "trl_plus.tiny"]
+WARMUP_STEPS = 2
+DEFAULTS_TARGET = 1.02
+PRESET_TARGET = 1.05
+
+
+@dataclass(frozen=True)
+class Side:
+    """One run's recipe: where the trainer and config come from and the fields that differ from the common ones."""
+
+    module: str  # "trl" or "trl_plus"
+    trainer: str
+    config: str
+    overrides: dict = field(default_factory=dict)
+
+    def label(self) -> str:
+        fields = ", ".join(f"{key}={value!r}" for key, value in self.overrides.items())
+        return f"{self.config}({fields})"
+
+
+@dataclass(frozen=True)
+class Pair:
+    name: str
+    plus: Side
+    trl: Side
+    target: float
+    gate_memory: bool = False
+
+
+def _trl(**overrides) -> Side:
+    return Side("trl", "GRPOTrainer", "GRPOConfig", overrides)
+
+
+PAIRS = [
+    Pair(
+        "defaults",
+        Side("trl_plus", "GRPOTrainer", "GRPOConfig"),
+        _trl(),
+        DEFAULTS_TARGET,
+        gate_memory=True,
+    ),
+    # DAPO's beta=0 and loss_type="dapo" are TRL's defaults already. TRL has no dynamic sampling, which the preset
+    # turns on: it generates again when a group's rewards are all equal (rare here: see the rounds noted under the
+    # table), so the preset is also measured without it, to separate its bookkeeping from the rest.
+    Pair(
+        "dapo",
+        Side("trl_plus", "DAPOTrainer", "DAPOConfig"),
+        _trl(epsilon_high=0.28, mask_truncated_completions=True),
+        PRESET_TARGET,
+    ),
+    Pair(
+        "dapo_no_dynamic_sampling",
+        Side("trl_plus", "DAPOTrainer", "DAPOConfig", {"dynamic_sampling": False}),
+        _trl(epsilon_high=0.28, mask_truncated_completions=True),
+        PRESET_TARGET,
+    ),
+    Pair(
+        "gspo",
+        Side("trl_plus", "GSPOTrainer", "GSPOConfig"),
+        _trl(importance_sampling_level="sequence", loss_type="grpo", epsilon=3e-4, epsilon_high=4e-4),
+        PRESET_TARGET,
+    ),
+    Pair(
+        "rloo",
+        Side("trl_plus", "RLOOTrainer", "RLOOConfig"),
+        _trl(scale_rewards="none"),
+        PRESET_TARGET,
+    ),
+    # ASPO reweights off-policy tokens, so both sides make 2 updates per generation (TRL then computes old log-probs);
+    # TRL's default loss_type is "dapo" and its epsilon_high defaults to epsilon = 0.2, as in ASPO.
+    Pair(
+        "aspo",
+        Side("trl_plus", "ASPOTrainer", "ASPOConfig", {"steps_per_generation": 2}),
+        _trl(steps_per_generation=2),
+        PRESET_TARGET,
+    ),
+    # beta > 0 loads a reference model on both sides; TRL puts the k3 KL in the loss, REINFORCE++ k1 in the reward.
+    Pair(
+        "reinforce_pp",
+        Side("trl_plus", "ReinforcePPTrainer", "ReinforcePPConfig"),
+        _trl(beta=0.01),
+        PRESET_TARGET,
+    ),
+    Pair(
+        "clip_cov",
+        Side("trl_plus", "GRPOTrainer", "GRPOConfig", {"loss_type": "clip_cov"}),
+        _trl(),
+        PRESET_TARGET,
+    ),
+    Pair(
+        "dual_clip",
+        Side("trl_plus", "GRPOTrainer", "GRPOConfig", {"dual_clip_c": 3.0}),
+        _trl(),
+        PRESET_TARGET,
+    ),
+    Pair(
+        "kl_cov",
+        Side("trl_plus", "GRPOTrainer", "GRPOConfig", {"loss_type": "kl_cov", "num_iterations": 2}),
+        _trl(num_iterations=2),
+        PRESET_TARGET,
+    ),
+]
+
+
+def digit_reward(completions, **kwargs):
+    """1.0 per digit: cheap, deterministic, and different across a group."""
+    return [float(sum(ch.isdigit() for ch in completion)) for completion in completions]
+
+
+def _read_status_kib(key: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0), so that only this run's own peak is counted."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:  # then VmHWM also holds the few MiB this process touched between the fork and the baseline
+        pass
+
+
+class _CPUClock(TrainerCallback):
+    """CPU time of this process per optimizer step: unlike wall time, barely moved by other load on the cores."""
+
+    def __init__(self):
+        self.step_times = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._started = time.process_time()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.step_times.append(time.process_time() - self._started)
+
+
+def run_once(side: Side, options: dict) -> dict:
+    """Train one configuration in this (fresh) process; return its per-step times and peak memory increase (MiB)."""
+    import gc
+    import importlib
+    import logging
+    import warnings
+
+    import torch
+    import transformers
+    from datasets import Dataset
+
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    logging.getLogger("trl_plus").setLevel(logging.ERROR)
+
+    torch.set_num_threads(options["threads"])
+    module = importlib.import_module(side.module)
+    trainer_class, config_class = getattr(module, side.trainer), getattr(module, side.config)
+    on_cuda = options["device"] == "cuda"
+    length = options["completion_length"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(options["model_path"])
+    # TRL loads models given by name in float32 (bf16 is autocast); the reference model (beta > 0) is rebuilt
+    # from this path.
+    model = transformers.AutoModelForCausalLM.from_pretrained(options["model_path"], dtype=torch.float32)
+    dataset = Dataset.from_dict({"prompt": [f"{a}+{b}=" for a in range(8) for b in range(8)]})
+    settings = dict(
+        output_dir=tempfile.mkdtemp(dir=options["work_dir"]),
+        use_cpu=not on_cuda,
+        bf16=on_cuda,
+        gradient_checkpointing=False,
+        per_device_train_batch_size=options["batch_size"],
+        num_generations=options["num_generations"],
+        max_completion_length=length,
+        # Every completion is exactly `length` tokens: eos is suppressed until the last position, then forced.
+        generation_kwargs={"min_new_tokens": length - 1, "forced_eos_token_id": tokenizer.eos_token_id},
+        learning_rate=1e-3,
+        max_steps=options["steps"],
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+    )
+    settings.update(side.overrides)
+    args = config_class(**settings)
+
+    gc.collect()
+    if on_cuda:
+        model.to("cuda")
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        _reset_peak_rss()
+        baseline = _read_status_kib("VmRSS") * 1024
+
+    trainer = trainer_class(model=model, reward_funcs=digit_reward, args=args, train_dataset=dataset)
+    trainer.remove_callback(transformers.PrinterCallback)  # it prints every step's logs with tqdm disabled
+    cpu_clock = _CPUClock()
+    trainer.add_callback(cpu_clock)
+    trainer.train()
+
+    if on_cuda:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = _read_status_kib("VmHWM") * 1024
+    history = trainer.state.log_history
+    step_times = [entry["step_time"] for entry in history if "step_time" in entry]
+    lengths = {entry["completions/mean_length"] for entry in history if "completions/mean_length" in entry}
+    rounds = [entry["dynamic_sampling/rounds"] for entry in history if "dynamic_sampling/rounds" in entry]
+    # Global steps between two generations (TRL generates every steps_per_generation * num_iterations micro-steps).
+    cycle = args.steps_per_generation * args.num_iterations // args.gradient_accumulation_steps
+    return {
+        "step_times": step_times,
+        "cpu_times": cpu_clock.step_times,
+        "peak_mib": (peak - baseline) / 2**20,
+        "cycle": max(cycle, 1),
+        "lengths": lengths,
+        "rounds": rounds,
+    }
+
+
+def _child(side: Side, options: dict, connection) -> None:
+    try:
+        connection.send(("ok", run_once(side, options)))
+    except BaseException:  # report any failure to the parent instead of dying silently
+        connection.send(("error", traceback.format_exc()))
+    finally:
+        connection.close()
+
+
+def run_in_fresh_process(context, side: Side, options: dict) -> dict:
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_child, args=(side, options, sender))
+    process.start()
+    sender.close()
+    try:
+        status, payload = receiver.recv()
+    except EOFError:
+        status, payload = "error", "worker exited without a result"
+    process.join()
+    if status != "ok":
+        raise RuntimeError(f"run of {side.label()} failed:\n{payload}")
+    return payload
+
+
+def cycle_times(step_times: list[float], cycle: int) -> list[float]:
+    """Per-step time averaged over each generation cycle, after dropping the warm-up steps (whole cycles)."""
+    skip = math.ceil(WARMUP_STEPS / cycle) * cycle
+    kept = step_times[skip:]
+    return [statistics.fmean(kept[i : i + cycle]) for i in range(0, len(kept) - cycle + 1, cycle)]
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Median wall and CPU step time (ms) over steps and repeats, median peak memory increase (MiB) over repeats."""
+    return {
+        clock: 1000 * statistics.median(t for run in runs for t in cycle_times(run[f"{clock}_times"], run["cycle"]))
+        for clock in ("step", "cpu")
+    } | {"mib": statistics.median(run["peak_mib"] for run in runs)}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30, help="Training steps per run (>= 30 for a stable median).")
+    parser.add_argument("--repeats", type=int, default=3, help="Runs per side; the order alternates A/B, B/A.")
+    parser.add_argument("--hidden-size", type=int, default=64, help="Hidden size of the tiny Qwen2.")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--batch-size", type=int, default=8, help="per_device_train_batch_size.")
+    parser.add_argument("--num-generations", type=int, default=4)
+    parser.add_argument("--completion-length", type=int, default=16, help="Fixed completion length in tokens.")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads per run. 1 by default: tiny matrices gain nothing from more, and OpenMP threads "
+        "that wait on each other turn any other load on the cores into 10x slower, erratic steps.",
+    )
+    parser.add_argument("--only", nargs="+", choices=[pair.name for pair in PAIRS], help="Subset of configurations.")
+    args = parser.parse_args()
+    if args.steps <= WARMUP_STEPS + 2:
+        parser.error(f"--steps must be > {WARMUP_STEPS + 2}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    # Set before the fork server imports anything. TRL's trainer sends telemetry from a network thread during the
+    # run, and the tokenizers' thread pool gives each run a different malloc-arena layout: both make step time and
+    # peak RSS vary between identical runs. Nothing is downloaded.
+    # A fixed mmap threshold turns off glibc's adaptive one, so freed tensor buffers go back to the OS and the peak
+    # RSS follows live memory rather than heap layout (runs of one configuration then agree within 0.2 MiB).
+    os.environ.update(
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        MALLOC_MMAP_THRESHOLD_="131072",
+    )
+    if args.device == "cpu":
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    pairs = [pair for pair in PAIRS if args.only is None or pair.name in args.only]
+    # A fork server that imported the heavy modules once: each run is a cheap fork, still a fresh process.
+    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    context = mp.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload(HEAVY_MODULES)
+
+    from transformers.utils import logging as hf_logging
+
+    from trl_plus.tiny import save_tiny_model
+
+    hf_logging.disable_progress_bar()
+    work_dir = tempfile.TemporaryDirectory(prefix="trl-plus-overhead-")
+    model_dir = save_tiny_model(os.path.join(work_dir.name, "model"), hidden_size=args.hidden_size)
+    options = {
+        "model_path": model_dir,
+        "work_dir": work_dir.name,
+        "device": args.device,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "num_generations": args.num_generations,
+        "completion_length": args.completion_length,
+        "threads": args.threads,
+    }
+
+    import torch
+    import trl
+
+    import trl_plus
+
+    print(
+        f"# trl_plus overhead vs TRL: trl {trl.__version__}, trl_plus {trl_plus.__version__}, torch "
+        f"{torch.__version__}, device {args.device} ({'bf16' if args.device == 'cuda' else 'fp32'}, "
+        f"{args.threads} torch thread(s) per run, {os.cpu_count()} CPUs), HF telemetry off"
+    )
+    print(
+        f"# tiny Qwen2 (hidden {args.hidden_size}, 2 layers), batch {args.batch_size}, {args.num_generations} "
+        f"generations/prompt, completions fixed at {args.completion_length} tokens (eos suppressed, then forced), "
+        f"seed 0, {args.steps} steps x {args.repeats} repeats per side, A/B order alternating, one fresh process a run"
+    )
+    print(
+        f"# step time: median of TRL's `step_time` (first {WARMUP_STEPS} steps dropped; averaged per generation "
+        f"cycle where a generation serves several steps); peak memory: "
+        f"{'max_memory_allocated' if args.device == 'cuda' else 'peak RSS'} increase over the loaded model, median"
+    )
+
+    started = time.perf_counter()
+    runs = {(pair.name, side): [] for pair in pairs for side in ("plus", "trl")}
+    for repeat in range(args.repeats):
+        for pair in pairs:
+            order = ("trl", "plus") if repeat % 2 == 0 else ("plus", "trl")
+            progress = []
+            for side in order:
+                result = run_in_fresh_process(context, getattr(pair, side), options)
+                if result["lengths"] != {float(args.completion_length)}:
+                    raise RuntimeError(f"{pair.name}/{side}: completion lengths {result['lengths']} are not fixed")
+                runs[pair.name, side].append(result)
+                one = summarize([result])
+                progress.append(
+                    f"{'trl_plus' if side == 'plus' else 'TRL'} {one['step']:.1f} ms (CPU {one['cpu']:.1f}) "
+                    f"{one['mib']:.1f} MiB"
+                )
+            print(f"#   repeat {repeat + 1}/{args.repeats} {pair.name}: {', '.join(progress)}", flush=True)
+
+    print()
+    print(
+        "| configuration | trl_plus step (ms) | TRL step (ms) | step-time ratio | CPU-time ratio | peak-memory ratio "
+        "(trl_plus / TRL MiB) | target | result |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---|---|")
+    failures, contended = [], []
+    for pair in pairs:
+        plus, base = summarize(runs[pair.name, "plus"]), summarize(runs[pair.name, "trl"])
+        time_ratio, cpu_ratio, memory_ratio = (plus[key] / base[key] for key in ("step", "cpu", "mib"))
+        memory_ok = not pair.gate_memory or memory_ratio <= pair.target
+        result = "pass"
+        if time_ratio > pair.target or not memory_ok:
+            failures.append(pair.name)
+            result = "FAIL"
+            # Wall time over target while CPU time is within it: other load slowed the runs, not trl_plus.
+            if memory_ok and cpu_ratio <= pair.target:
+                contended.append(pair.name)
+                result = "FAIL (CPU time within target)"
+        target = f"time{' & memory' if pair.gate_memory else ''} <= {pair.target:.2f}"
+        print(
+            f"| {pair.name}: `trl_plus.{pair.plus.label()}` vs `trl.{pair.trl.label()}` | {plus['step']:.1f} | "
+            f"{base['step']:.1f} | {time_ratio:.3f} | {cpu_ratio:.3f} | {memory_ratio:.3f} ({plus['mib']:.0f} / "
+            f"{base['mib']:.0f}) | {target} | {result} |"
+        )
+    print()
+    for pair in pairs:
+        rounds = [value for run in runs[pair.name, "plus"] for value in run["rounds"]]
+        if rounds:
+            print(
+                f"{pair.name}: dynamic sampling made {statistics.fmean(rounds):.2f} generation rounds per generation."
+            )
+    elapsed = time.perf_counter() - started
+    verdict = "all within target" if not failures else f"over target: {', '.join(failures)}"
+    if contended:
+        verdict += f"; CPU time within target for {', '.join(contended)}: rerun them with more --repeats"
+    print(f"Summary: {len(pairs) - len(failures)}/{len(pairs)} configurations pass; {verdict} ({elapsed:.0f} s).")
+
+
+if __name__ == "__main__":
+    main()
