@@ -361,8 +361,8 @@ class GRPOTrainer(trl.GRPOTrainer):
             advantages = output["advantages"]
             token_advantages = advantages if advantages.dim() == 2 else advantages.unsqueeze(1) * mask
             output["advantages"] = masked_whiten(token_advantages, mask, self._all_reduce_sum)
-        if self.args.advantage_estimator in GLOBALLY_WHITENED and not (self.args.dynamic_sampling and mode == "train"):
-            self._log_advantages(output)  # the rows of the one round, now with their whitened advantages
+            if not (self.args.dynamic_sampling and mode == "train"):
+                self._log_advantages(output)  # the rows of the one round, now with their whitened advantages
         return output
 
     def _generate_and_score_round(self, inputs):
@@ -405,13 +405,16 @@ class GRPOTrainer(trl.GRPOTrainer):
     def _mask_greedy_rows(self, output: dict) -> None:
         """Keep ReMax's greedy baselines out of the loss, and log their reward (the baseline)."""
         mode = "train" if self.model.training else "eval"
-        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+        num_generations = self._num_generations(mode)
         is_greedy = self._greedy_rows(output["completion_ids"].size(0), num_generations).to(self.accelerator.device)
         output["completion_mask"] = output["completion_mask"] * ~is_greedy.unsqueeze(1)
         loss_mask = output["completion_mask"] * output.get("tool_mask", 1)
         output["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
         baseline = self._global_rewards().view(-1, num_generations)[:, -1]
         self._metrics[mode]["remax/baseline_reward"].append(torch.nanmean(baseline).item())
+
+    def _num_generations(self, mode: str) -> int:
+        return self.num_generations if mode == "train" else self.num_generations_eval
 
     def _local_rows(self, global_values: torch.Tensor, output: dict) -> torch.Tensor:
         """This process's slice of values computed for every process's rows (TRL gathers them in rank order)."""
@@ -439,7 +442,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         elif args.advantage_estimator == "grpo":
             advantages = output["advantages"]
         else:
-            num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+            num_generations = self._num_generations(mode)
             all_advantages = ADVANTAGES.get(args.advantage_estimator)(self._global_rewards(), num_generations)
             advantages = self._local_rows(all_advantages, output)
         if args.kl_in_reward:
@@ -448,6 +451,46 @@ class GRPOTrainer(trl.GRPOTrainer):
             self._metrics[mode]["kl"].append(self._global_masked_mean(kl, mask))
             advantages = kl_penalty_to_go(advantages, kl, mask, self.beta)
         return advantages
+
+    def _process_advantages(self, output: dict) -> torch.Tensor:
+        """GRPO process supervision: `(B, T)` token advantages from the step rewards of every process's rows."""
+        mode = "train" if self.model.training else "eval"
+        num_generations = self._num_generations(mode)
+        steps = gather_object(self._process_reward.last_steps)  # groups can straddle processes
+        step_ends = [indices for _, indices in steps]
+        width = max([output["completion_ids"].size(1)] + [index + 1 for indices in step_ends for index in indices])
+        all_advantages = process_advantages([rewards for rewards, _ in steps], step_ends, num_generations, width)
+        local_advantages = self._local_rows(all_advantages.to(output["completion_ids"].device), output)
+        return local_advantages[:, : output["completion_ids"].size(1)] * output["completion_mask"]
+
+    def _old_log_probs(self, output: dict) -> torch.Tensor:
+        """Log-probs of the sampling policy: TRL's when it computed them, otherwise one no-grad forward pass."""
+        if output.get("old_per_token_logps") is not None:
+            return output["old_per_token_logps"]
+        input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            log_probs, _, _ = self._get_per_token_logps_and_entropies(
+                self.model,
+                input_ids,
+                attention_mask,
+                output["completion_ids"].size(1),
+                batch_size=self.args.per_device_train_batch_size,
+            )
+        return log_probs
+
+    def _log_advantages(self, output: dict) -> None:
+        """Show this round's advantages (per-sequence mean for token advantages) beside its rows in the completions
+        log, replacing the GRPO advantages TRL logged for them."""
+        advantages = output["advantages"]
+        mask = output["completion_mask"] * output.get("tool_mask", 1)
+        if advantages.dim() == 2:
+            advantages = (advantages * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        gathered = self.accelerator.gather(advantages).tolist()
+        logged = self._logs["advantages"]
+        for _ in range(min(len(gathered), len(logged))):
+            logged.pop()
+        logged.extend(gathered)
 
     # ------------------------------------------------------------------ dynamic sampling
     def _generate_with_dynamic_sampling(self, inputs):
@@ -590,46 +633,6 @@ class GRPOTrainer(trl.GRPOTrainer):
         path = os.path.join(checkpoint, SURPLUS_BUFFER_FILE) if checkpoint is not None else None
         if self.args.dynamic_sampling and path is not None and os.path.exists(path):
             self._surplus.load_state_dict(torch.load(path, weights_only=True))
-
-    def _process_advantages(self, output: dict) -> torch.Tensor:
-        """GRPO process supervision: `(B, T)` token advantages from the step rewards of every process's rows."""
-        mode = "train" if self.model.training else "eval"
-        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
-        steps = gather_object(self._process_reward.last_steps)  # groups can straddle processes
-        step_ends = [indices for _, indices in steps]
-        width = max([output["completion_ids"].size(1)] + [index + 1 for indices in step_ends for index in indices])
-        all_advantages = process_advantages([rewards for rewards, _ in steps], step_ends, num_generations, width)
-        local_advantages = self._local_rows(all_advantages.to(output["completion_ids"].device), output)
-        return local_advantages[:, : output["completion_ids"].size(1)] * output["completion_mask"]
-
-    def _old_log_probs(self, output: dict) -> torch.Tensor:
-        """Log-probs of the sampling policy: TRL's when it computed them, otherwise one no-grad forward pass."""
-        if output.get("old_per_token_logps") is not None:
-            return output["old_per_token_logps"]
-        input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
-        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            log_probs, _, _ = self._get_per_token_logps_and_entropies(
-                self.model,
-                input_ids,
-                attention_mask,
-                output["completion_ids"].size(1),
-                batch_size=self.args.per_device_train_batch_size,
-            )
-        return log_probs
-
-    def _log_advantages(self, output: dict) -> None:
-        """Show this round's advantages (per-sequence mean for token advantages) beside its rows in the completions
-        log, replacing the GRPO advantages TRL logged for them."""
-        advantages = output["advantages"]
-        mask = output["completion_mask"] * output.get("tool_mask", 1)
-        if advantages.dim() == 2:
-            advantages = (advantages * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-        gathered = self.accelerator.gather(advantages).tolist()
-        logged = self._logs["advantages"]
-        for _ in range(min(len(gathered), len(logged))):
-            logged.pop()
-        logged.extend(gathered)
 
     # ------------------------------------------------------------------ loss
     def _compute_loss(self, model, inputs):
