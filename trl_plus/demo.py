@@ -48,16 +48,13 @@ def reverse_task() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     The held-out prompts are the same for every seed, so accuracies are comparable across runs.
 
     >>> train, held_out = reverse_task()
-    >>> len(train) + len(held_out), held_out[0] in train, train[0][0][::-1][1:] == train[0][1]
-    (17576, False, True)
+    >>> len(train), len(held_out), held_out[0]
+    (17320, 256, ('evr:', 'rve'))
     """
-    examples = [("".join(letters) + ":", "".join(reversed(letters))) for letters in _triples()]
+    triples = itertools.product(string.ascii_lowercase, repeat=ANSWER_LENGTH)
+    examples = [("".join(letters) + ":", "".join(reversed(letters))) for letters in triples]
     random.Random(0).shuffle(examples)
     return examples[NUM_HELD_OUT:], examples[:NUM_HELD_OUT]
-
-
-def _triples():
-    return itertools.product(string.ascii_lowercase, repeat=ANSWER_LENGTH)
 
 
 def exact_match_reward(completions: list[str], answer: list[str], **kwargs) -> list[float]:
@@ -83,9 +80,11 @@ def accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, example
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def warm_start(model, tokenizer, train, held_out, seed: int, batch_size: int = 64, learning_rate: float = 3e-3) -> int:
+def warm_start(
+    model, tokenizer, train, held_out, seed: int, batch_size: int = 64, learning_rate: float = 3e-3
+) -> tuple[int, float]:
     """Supervised training on prompt -> answer<eos> (loss on the answer only) until held-out accuracy reaches
-    `WARM_START_TARGET`. Returns the number of steps taken."""
+    `WARM_START_TARGET`. Returns the number of steps taken and the held-out accuracy."""
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
     model.train()
@@ -100,8 +99,10 @@ def warm_start(model, tokenizer, train, held_out, seed: int, batch_size: int = 6
         model(input_ids=input_ids, labels=labels).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        if step % WARM_START_EVAL_EVERY == 0 and accuracy(model, tokenizer, held_out) >= WARM_START_TARGET:
-            return step
+        if step % WARM_START_EVAL_EVERY == 0:
+            held_out_accuracy = accuracy(model, tokenizer, held_out)
+            if held_out_accuracy >= WARM_START_TARGET:
+                return step, held_out_accuracy
     raise RuntimeError(f"The warm start did not reach {WARM_START_TARGET:.0%} held-out accuracy.")
 
 
@@ -177,6 +178,9 @@ def _demo_environment():
 
 @dataclass
 class DemoResult:
+    """What a demo run measured. The warm-started model is in `<output_dir>/warm_start`, the RL one in
+    `<output_dir>/<algo>`."""
+
     algo: str
     warm_start_steps: int
     accuracy_before: float  # held-out, after the warm start
@@ -197,15 +201,15 @@ def run_demo(algo: str = "dapo", rl_steps: int = 300, output_dir: str = "trl-plu
         print(f"Task: reverse three letters ({held_out[0][0]} -> {held_out[0][1]}); exact-match reward.")
         print(f"Model: tiny Qwen2, {model.num_parameters() / 1e6:.2f}M parameters, character tokenizer, CPU.")
 
-        steps = warm_start(model, tokenizer, train, held_out, seed)
-        accuracy_before = accuracy(model, tokenizer, held_out)
+        steps, accuracy_before = warm_start(model, tokenizer, train, held_out, seed)
         print(f"Warm start: {steps} supervised steps, held-out accuracy {accuracy_before:.1%}.")
         model_path = os.path.join(output_dir, "warm_start")
         model.save_pretrained(model_path)
         tokenizer.save_pretrained(model_path)
 
-        print(f"RL: {ALGORITHMS[algo].description}, {rl_steps} steps.")
+        print(f"RL ({rl_steps} steps) with {ALGORITHMS[algo].description}.")
         trainer = train_rl(algo, model_path, tokenizer, train, os.path.join(output_dir, algo), rl_steps, seed)
+        trainer.save_model()
         accuracy_after = accuracy(trainer.model, tokenizer, held_out)
         rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
 

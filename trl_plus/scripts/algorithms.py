@@ -25,6 +25,7 @@ class Algorithm:
     trainer_class: type
     description: str  # one line
     paper: str  # URL
+    default_reward_funcs: tuple[str, ...] = ("answer_match_reward",)  # when --reward_funcs is not given
 
 
 ALGORITHMS: dict[str, Algorithm] = {
@@ -72,7 +73,20 @@ ALGORITHMS: dict[str, Algorithm] = {
             "REINFORCE++: k1 KL in the token reward, advantages whitened over the global batch",
             "https://arxiv.org/abs/2501.03262",
         ),
-        # One row per trainer as it lands in trl_plus, each with its examples/<name>.py:
-        # "remax" (arXiv 2310.10505), "ppo" (arXiv 1707.06347), "vapo" (arXiv 2504.05118), "ttrl" (arXiv 2504.16084).
+        Algorithm(
+            "remax",
+            trl_plus.ReMaxConfig,
+            trl_plus.ReMaxTrainer,
+            "ReMax: the greedy decode of each prompt is the baseline (decoded in the same generate call)",
+            "https://arxiv.org/abs/2310.10505",
+        ),
+        Algorithm(
+            "ttrl",
+            trl_plus.GRPOConfig,
+            trl_plus.GRPOTrainer,
+            "TTRL: GRPO on unlabeled prompts, rewarded by agreement with the group's majority answer",
+            "https://arxiv.org/abs/2504.16084",
+            default_reward_funcs=("majority_vote_reward",),
+        ),
     )
 }

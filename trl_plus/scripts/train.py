@@ -31,11 +31,12 @@ class ScriptArguments(trl.ScriptArguments):
     `dataset_name` is a Hub dataset, a local dataset folder, or a local `.json`/`.jsonl`/`.csv`/`.parquet` file.
     """
 
-    reward_funcs: list[str] = field(
-        default_factory=lambda: ["answer_match_reward"],
+    reward_funcs: list[str] | None = field(
+        default=None,
         metadata={
             "help": f"Reward functions, summed (weights: --reward_weights). Names: {list(REWARD_FUNCS)}, or a dotted "
-            "import path (my_lib.rewards.my_reward). TRL's accuracy rewards need `pip install math-verify`."
+            "import path (my_lib.rewards.my_reward). TRL's accuracy rewards need `pip install math-verify`. "
+            "Default: answer_match_reward (majority_vote_reward for ttrl, which never reads the labels)."
         },
     )
     reward_model_name_or_path: str | None = field(
@@ -79,7 +80,8 @@ def main(algorithm: str, argv: list[str] | None = None, prog: str | None = None)
         parser.error("--dataset_name is required (a Hub dataset or a local .json/.jsonl/.csv/.parquet file).")
     quantization_config = _quantization_config(model_args, training_args)
 
-    reward_funcs = get_reward_funcs(script_args.reward_funcs, training_args)
+    reward_names = script_args.reward_funcs or list(ALGORITHMS[algorithm].default_reward_funcs)
+    reward_funcs = get_reward_funcs(reward_names, training_args)
     if script_args.reward_model_name_or_path:
         reward_funcs.append(script_args.reward_model_name_or_path)
     if not reward_funcs:
