@@ -441,3 +441,12 @@ def test_kl_controllers_reject_bad_updates_and_state_dicts():
     assert controller.value == 0.1  # nothing changed
     with pytest.raises(ValueError, match="kl_coef"):
         FixedKLController(-1.0)
+
+
+def test_explained_variance_is_zero_for_returns_that_are_zero_up_to_rounding():
+    # GAE at gamma = lambda = 1 on all-zero rewards gives returns = A + V, which is 0 only up to float32 rounding
+    # (about 1e-8 here); without a scale that includes V the ratio Var(R - V) / Var(R) explodes to ~1e15.
+    values = torch.tensor([[0.3, -0.7, 0.11, 0.52]])
+    _, returns = gae(torch.zeros(1, 4), values, torch.ones(1, 4), 1.0, 1.0)
+    assert returns.abs().max() < 1e-6
+    assert explained_variance(values, returns, torch.ones(1, 4)).item() == 0.0

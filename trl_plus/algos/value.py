@@ -190,8 +190,9 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     """1 - Var(R - V) / Var(R) over the valid tokens of `(B, T)` tensors (population variances): a critic metric.
 
     1 for a perfect critic, 0 for one that predicts the mean return, negative for one worse than that. Returns a 0-dim
-    float tensor (at least float32). When the returns do not vary (Var(R) <= float eps * mean(R^2), which covers
-    constant returns up to rounding) or no token is valid, the ratio is undefined and the result is 0, never NaN.
+    float tensor (at least float32). When the returns do not vary (Var(R) <= float eps * mean(R^2 + V^2), which
+    covers constant returns up to rounding) or no token is valid, the ratio is undefined and the result is 0, never
+    NaN.
 
     >>> explained_variance(torch.tensor([[1.5, 2.0, 2.5]]), torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[1, 1, 1]]))
     tensor(0.7500)
@@ -206,7 +207,9 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
         return token_mean(torch.where(valid, x - token_mean(x, weights), 0.0) ** 2, weights)
 
     var_returns = masked_var(returns)
-    degenerate = var_returns <= torch.finfo(dtype).eps * token_mean(returns**2, weights)
+    # Scaled by the values too: returns that are 0 up to rounding (e.g. from GAE on all-zero rewards) are degenerate.
+    scale = token_mean(returns**2 + torch.where(valid, values.to(dtype), 0.0) ** 2, weights)
+    degenerate = var_returns <= torch.finfo(dtype).eps * scale
     ratio = masked_var(residuals) / torch.where(degenerate, 1.0, var_returns)
     return torch.where(degenerate, 0.0, 1.0 - ratio)
 

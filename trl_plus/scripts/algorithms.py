@@ -81,6 +81,20 @@ ALGORITHMS: dict[str, Algorithm] = {
             "https://arxiv.org/abs/2310.10505",
         ),
         Algorithm(
+            "ppo",
+            trl_plus.PPOConfig,
+            trl_plus.PPOTrainer,
+            "PPO with a critic: GAE on KL-shaped token rewards, clipped value loss, LoRA critic on the policy's base",
+            "https://arxiv.org/abs/1707.06347",
+        ),
+        Algorithm(
+            "vapo",
+            trl_plus.VAPOConfig,
+            trl_plus.VAPOTrainer,
+            "VAPO: PPO with value pretraining, decoupled length-adaptive GAE, positive-example LM loss",
+            "https://arxiv.org/abs/2504.05118",
+        ),
+        Algorithm(
             "ttrl",
             trl_plus.GRPOConfig,
             trl_plus.GRPOTrainer,

@@ -1,4 +1,5 @@
 from .grpo import GRPOConfig, GRPOTrainer
+from .ppo import PPOConfig, PPOTrainer, VAPOConfig, VAPOTrainer
 from .presets import (
     ASPOConfig,
     ASPOTrainer,
@@ -23,8 +24,12 @@ __all__ = [
     "GRPOTrainer",
     "GSPOConfig",
     "GSPOTrainer",
+    "PPOConfig",
+    "PPOTrainer",
     "RLOOConfig",
     "RLOOTrainer",
+    "VAPOConfig",
+    "VAPOTrainer",
     "ReMaxConfig",
     "ReMaxTrainer",
     "ReinforcePPConfig",

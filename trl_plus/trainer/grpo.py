@@ -677,15 +677,11 @@ class GRPOTrainer(trl.GRPOTrainer):
             self._metrics[mode]["kl"].append(self._global_masked_mean(per_token_kl, mask))
 
         accumulation_steps = self.current_gradient_accumulation_steps if mode == "train" else 1
-        # token_mean divides by the valid tokens of this accumulation window over all processes, as TRL's "dapo".
-        num_tokens = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-        if mode == "train":
-            num_tokens = num_tokens * accumulation_steps / args.steps_per_generation
         loss = call_with_supported(
             AGGREGATIONS.get(args.resolved_loss_aggregation),
             per_token_loss,
             mask,
-            num_tokens=num_tokens,
+            num_tokens=self._token_mean_normalizer(inputs["num_items_in_batch"], mode),
             max_length=self.max_completion_length,
         )
         if args.resolved_loss_aggregation != "token_mean":
@@ -698,6 +694,13 @@ class GRPOTrainer(trl.GRPOTrainer):
         for name, values in loss_metrics.items():
             self._metrics[mode][name].append(self._global_masked_mean(values, mask))
         return loss
+
+    def _token_mean_normalizer(self, count: torch.Tensor, mode: str) -> torch.Tensor:
+        """This micro-batch's share of the valid tokens of the accumulation window over all processes (TRL "dapo")."""
+        num_tokens = count.clamp(min=1.0) / self.accelerator.num_processes
+        if mode == "train":
+            num_tokens = num_tokens * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        return num_tokens
 
     # ------------------------------------------------------------------ distributed helpers
     def _all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:

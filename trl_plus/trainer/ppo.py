@@ -1,9 +1,10 @@
 """`PPOConfig` / `PPOTrainer`: PPO with a critic (GAE, KL in the reward) on TRL's generation path; `VAPOConfig` on top.
 
 `PPOTrainer` is `trl_plus.GRPOTrainer` (so TRL's generation, reward functions / reward models, PEFT, logging) with
-three hooks, each wrapping `super()`:
+these hooks (all but `_compute_advantages` wrap `super()`):
 
-- `_generate_and_score_round`: after TRL generated and scored, the critic gives the old values V(s_t) of every
+- `_compute_advantages` (called by the parent's `_generate_and_score_round` for every generation round, since
+  `_replaces_trl_advantages` is True): after TRL generated and scored, the critic gives the old values V(s_t) of every
   completion token (no gradient), the sequence score goes on the last token and -beta * KL on every token
   (InstructGPT, arXiv 2203.02155 eq. 2), and GAE (arXiv 1506.02438) turns them into token advantages `(B, T)` and
   value targets. `_generate_and_score_completions` then whitens the advantages over the global batch and updates the
@@ -14,12 +15,13 @@ three hooks, each wrapping `super()`:
 - `training_step`: with several processes, averages the critic's gradients over processes before the optimizer step
   (DDP ignores the critic's parameters; see "Critic" below).
 
-Critic. By default (`value_model=None`) the critic is a second LoRA adapter, "critic", plus a scalar value head on the
-policy's own PEFT model: one copy of the base weights serves the policy (adapter "default"), the critic (adapter
-"critic") and the reference (adapters disabled). Otherwise `value_model` is a separate model (a path loaded with
-`AutoModelForTokenClassification(num_labels=1)`, or a model object such as a reward model,
-`AutoModelForSequenceClassification`) whose `score` head is applied to the hidden state of every token. Either way the
-critic's modules are attributes of the trained model (`value_head` or `value_model`), so the Trainer's optimizer
+Critic. By default (`value_model=None`) a PEFT policy gets a critic that is a second LoRA adapter, "critic", plus a
+scalar value head on the policy's own PEFT model: one copy of the base weights serves the policy (adapter "default"),
+the critic (adapter "critic") and the reference (adapters disabled). Otherwise `value_model` is a separate model (a
+path loaded with `AutoModelForTokenClassification(num_labels=1)`, or a model object such as a reward model,
+`AutoModelForSequenceClassification`) whose `score` head is applied to the hidden state of every token; a full
+(non-PEFT) policy without `value_model` gets one initialized from its own checkpoint. Either way the critic's modules
+are attributes of the trained model (`value_head` or `value_model`), so the Trainer's optimizer
 (`critic_learning_rate` gets its own parameter groups), gradient clipping, LR schedule and optimizer checkpoint cover
 them; their weights are saved next to the policy's (`critic/` and `value_model/` in a checkpoint).
 
@@ -30,6 +32,14 @@ correct, and freeing the critic's activations before the policy forward keeps th
 one backward per forward of its module, so the critic's parameters are excluded from DDP and `training_step` averages
 their gradients itself. DeepSpeed and FSDP are therefore not supported yet; nor is vLLM (its weight sync would send the
 critic's modules to vLLM).
+
+Metrics, besides TRL's (global means over the valid tokens of every process): `value/loss` (the per-token clipped
+value loss), `value/clipfrac` (tokens where the clipped term is larger), `value/mean` (V on the trained tokens),
+`value/explained_variance` (1 - Var(R - V_old) / Var(R) over the rollout's global batch), `kl` (the rollout's per-token
+KL, when it is in the reward), `kl/beta` (the beta that shaped the rollout), `ppo/approx_kl` ((r - 1) - log r, the
+update policy against the sampling one), `ppo/clipfrac` (tokens whose ratio r is outside [1 - eps_low, 1 + eps_high]),
+`value/pretraining` (1 while the policy is frozen) and, with `positive_lm_coef > 0`, `positive_lm/loss` (the NLL of
+positive completions) and `positive_lm/fraction` (their share of the rollout).
 
 VAPO (arXiv 2504.05118) is the same trainer with other defaults (`VAPOConfig`): decoupled GAE (lambda_critic = 1,
 lambda_policy = 0.95, or length-adaptive 1 - 1 / (alpha * length) with alpha = 0.05), value pretraining (the first
@@ -51,7 +61,7 @@ from torch import nn
 from transformers import AutoModelForTokenClassification, PreTrainedModel
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import disable_dropout_in_model
+from trl.trainer.utils import create_model_from_path, disable_dropout_in_model, get_config_model_id
 
 from ..algos import KL_ESTIMATORS, masked_whiten
 from ..algos.value import (
@@ -165,7 +175,7 @@ class PPOConfig(GRPOConfig):
         metadata={
             "help": "Path or id of a separate critic, loaded with AutoModelForTokenClassification(num_labels=1) (a "
             "reward-model checkpoint works: its `score` head becomes the value head). None: a LoRA critic on the "
-            "policy's own base model (needs a PEFT policy)."
+            "policy's own base model for a PEFT policy, else a full critic initialized from the policy's checkpoint."
         },
     )
     critic_lora_r: int | None = field(
@@ -294,8 +304,8 @@ class PPOTrainer(GRPOTrainer):
 
     Takes `trl.GRPOTrainer`'s arguments plus `value_model` (a path, or a model with a per-token `score` head such as a
     reward model; overrides `args.value_model`) and `critic_peft_config` (the LoRA critic's config; default: a copy of
-    the policy adapter's config with `critic_lora_r` / `critic_lora_alpha` applied). Without `value_model` the policy
-    must be a PEFT model (pass `peft_config`).
+    the policy adapter's config with `critic_lora_r` / `critic_lora_alpha` applied). Without `value_model`, a PEFT
+    policy gets the LoRA critic and a full policy a full critic initialized from the policy's checkpoint.
     """
 
     config_class = PPOConfig
@@ -313,6 +323,8 @@ class PPOTrainer(GRPOTrainer):
                 "PPOTrainer supports single-process and DDP training: the critic's separate backward and its manual "
                 "gradient averaging are not wired into DeepSpeed or FSDP yet."
             )
+        if getattr(self, "_process_reward", None) is not None:
+            raise NotImplementedError("PPOTrainer scores whole completions; process (step) rewards are not supported.")
         self._kl_controller = (
             AdaptiveKLController(self.args.beta, self.args.kl_target, self.args.kl_horizon)
             if self.args.kl_target is not None
@@ -327,6 +339,13 @@ class PPOTrainer(GRPOTrainer):
         args = self.args
         model = self.model
         self._is_peft = is_peft_model(model)
+        if value_model is None and not self._is_peft:
+            value_model = get_config_model_id(model.config)
+            logger.warning(
+                "The policy is not a PEFT model and no `value_model` was given: the critic is a full model "
+                f"initialized from the policy's checkpoint {value_model!r} with a new value head. Pass `peft_config` "
+                "for the LoRA critic, which shares the policy's base weights."
+            )
         self._uses_lora_critic = value_model is None
         self._policy_params = [param for param in model.parameters() if param.requires_grad]
         device = next(model.parameters()).device
@@ -361,11 +380,6 @@ class PPOTrainer(GRPOTrainer):
                 torch.distributed.broadcast(param.data, src=0)
 
     def _add_lora_critic(self, model, critic_peft_config, device) -> None:
-        if not self._is_peft:
-            raise ValueError(
-                "The default critic is a second LoRA adapter on the policy's base model, so the policy must be a PEFT "
-                "model: pass `peft_config=LoraConfig(...)`, or give a separate critic with `value_model=`."
-            )
         if critic_peft_config is None:
             critic_peft_config = copy.deepcopy(model.peft_config[POLICY_ADAPTER])
             critic_peft_config.modules_to_save = None  # the critic needs no copy of the policy's extra modules
@@ -391,10 +405,12 @@ class PPOTrainer(GRPOTrainer):
     def _load_value_model(self, value_model) -> PreTrainedModel:
         if not isinstance(value_model, str):
             return value_model
-        model_init_kwargs = dict(self.args.model_init_kwargs or {})
-        model_init_kwargs.pop("device_map", None)
+        model_init_kwargs = dict(self.args.model_init_kwargs or {})  # the policy's, as TRL's reference model
+        model_init_kwargs["device_map"] = None  # moved next to the policy by `_setup_critic`
         model_init_kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
-        return AutoModelForTokenClassification.from_pretrained(value_model, num_labels=1, **model_init_kwargs)
+        return create_model_from_path(
+            value_model, architecture=AutoModelForTokenClassification, num_labels=1, **model_init_kwargs
+        )
 
     def _restore_trainable(self) -> None:
         """PEFT's `set_adapter` (also run when TRL re-enables adapters after the reference forward) sets
@@ -499,11 +515,9 @@ class PPOTrainer(GRPOTrainer):
     def _in_value_pretraining(self) -> bool:
         return self.model.training and self.state.global_step < self.args.value_pretrain_steps
 
-    def _generate_and_score_round(self, inputs):
-        output = super()._generate_and_score_round(inputs)
-        if "returns" not in output:  # the parent calls `_compute_advantages` only when the KL is in the reward
-            output["advantages"] = self._compute_advantages(output)
-        return output
+    @property
+    def _replaces_trl_advantages(self) -> bool:
+        return True  # every round's advantages are GAE's: the parent's round calls `_compute_advantages`
 
     def _compute_advantages(self, output: dict) -> torch.Tensor:
         """GAE token advantages `(B, T)`, not yet whitened; stores `old_values`, `returns`, `scores`, `scored` too."""
@@ -549,7 +563,8 @@ class PPOTrainer(GRPOTrainer):
         mask = (output["completion_mask"] * output.get("tool_mask", 1)).float() * output["scored"].unsqueeze(1)
         if args.whiten_advantages:
             output["advantages"] = masked_whiten(output["advantages"], mask, self._all_reduce_sum)
-        self._log_advantages(output)
+            if not (args.dynamic_sampling and mode == "train"):  # dynamic sampling logged each round's own rows
+                self._log_advantages(output)
         if args.positive_lm_coef > 0:
             positive = (output["scores"] > args.positive_reward_threshold).float() * output["scored"]
             totals = self._all_reduce_sum(torch.stack([(mask * positive.unsqueeze(1)).sum(), positive.sum()]))
@@ -582,13 +597,6 @@ class PPOTrainer(GRPOTrainer):
             self._captured_log_probs.append(result[0])
         return result
 
-    def _token_mean_normalizer(self, count: torch.Tensor, mode: str) -> torch.Tensor:
-        """This micro-batch's share of a global token count, as the token_mean policy loss divides by it."""
-        num_tokens = count.clamp(min=1.0) / self.accelerator.num_processes
-        if mode == "train":
-            num_tokens = num_tokens * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-        return num_tokens
-
     def _compute_loss(self, model, inputs):
         args = self.args
         mode = "train" if self.model.training else "eval"
@@ -615,8 +623,7 @@ class PPOTrainer(GRPOTrainer):
         log_ratio = per_token_logps.detach() - old_per_token_logps
         ratio = torch.exp(log_ratio)
         self._metrics[mode]["ppo/approx_kl"].append(self._global_masked_mean((ratio - 1) - log_ratio, mask))
-        epsilon_high = self.epsilon_high
-        outside = (ratio < 1 - self.epsilon_low) | (ratio > 1 + epsilon_high)
+        outside = (ratio < 1 - self.epsilon_low) | (ratio > 1 + self.epsilon_high)
         self._metrics[mode]["ppo/clipfrac"].append(self._global_masked_mean(outside.float(), mask))
 
         if args.positive_lm_coef > 0:

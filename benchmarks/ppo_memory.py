@@ -1,0 +1,288 @@
+"""Memory and step time of PPO's critics against GRPO with LoRA, side by side in one run.
+
+Run from the repository root (CPU, Linux; a few minutes on 2 idle cores):
+
+    /work/venv/bin/python benchmarks/ppo_memory.py
+
+Options: `--device cuda --model 0.5b` on a GPU (a Qwen2.5-0.5B-shaped model built from a local config),
+`--steps 8 --repeats 2 --hidden-size 512 --num-layers 8 --completion-length 32 --threads 1`.
+
+Three configurations train the same policy (LoRA r=8 on q_proj and v_proj) on the same prompts, with the same
+batch (8 completions per step, 2 per prompt), the same fixed completion length and the same KL setting (beta = 0.05;
+with PEFT the reference is the base model with the adapters disabled, so no reference copy is loaded):
+
+- `grpo_lora`: `trl_plus.GRPOTrainer` (TRL's GRPO loss), no critic.
+- `ppo_lora_critic`: `trl_plus.PPOTrainer` with the default critic: a second LoRA adapter plus a value head on the
+  policy's own base model (one copy of the base weights).
+- `ppo_full_critic`: `trl_plus.PPOTrainer` with a separate full critic (`value_model=` the same checkpoint, loaded
+  with AutoModelForTokenClassification and fully trained).
+
+Every run is a fresh process forked from a server that imported torch/transformers/trl once, so runs share no
+allocator state. Peak memory counts everything the run allocates after the imports: the policy's weights, the
+critic, optimizer states, activations and generation. On CPU it is the peak RSS (VmHWM, reset after the imports) minus
+the RSS then; on CUDA `torch.cuda.max_memory_allocated` (nothing is on the GPU before). Step time is TRL's `step_time`
+metric (wall time of a training step, generation included), the first 2 steps dropped, median over steps and repeats.
+Runs alternate their order across repeats to cancel drift.
+
+Target (from the issue): the LoRA critic costs at most 1.25x the memory of GRPO with LoRA, and clearly less than a
+separate critic.
+"""
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import tempfile
+import time
+import traceback
+
+HEAVY_MODULES = ["torch", "transformers", "datasets", "peft", "trl", "trl_plus", "trl_plus.trainer.ppo"]
+WARMUP_STEPS = 2
+MEMORY_TARGET = 1.25
+CONFIGS = ("grpo_lora", "ppo_lora_critic", "ppo_full_critic")
+
+
+def digit_reward(completions, **kwargs):
+    """1.0 per digit: cheap, deterministic."""
+    return [float(sum(ch.isdigit() for ch in completion)) for completion in completions]
+
+
+def _read_status_kib(key: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0), so that only this run's own peak is counted."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        pass
+
+
+def build_model(options: dict) -> None:
+    """Save the benchmark model and its character tokenizer to `options["model_path"]` (no download)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from trl_plus.tiny import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    if options["model"] == "0.5b":  # Qwen2.5-0.5B's shape (its 151k vocabulary aside: the tokenizer has 48 tokens)
+        shape = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14)
+        shape.update(num_key_value_heads=2, max_position_embeddings=4096)
+    else:
+        hidden = options["hidden_size"]
+        shape = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=options["num_layers"])
+        shape.update(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        **shape,
+    )
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(options["model_path"])
+    tokenizer.save_pretrained(options["model_path"])
+
+
+def run_once(name: str, options: dict) -> dict:
+    """Train one configuration in this (fresh) process; its step times (s) and peak memory (MiB)."""
+    import gc
+    import logging
+    import warnings
+
+    import torch
+    import transformers
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    from trl_plus import GRPOConfig, GRPOTrainer
+    from trl_plus.trainer.ppo import PPOConfig, PPOTrainer
+
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    logging.getLogger("trl_plus").setLevel(logging.ERROR)
+    torch.set_num_threads(options["threads"])
+    on_cuda = options["device"] == "cuda"
+    length = options["completion_length"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(options["model_path"])
+    dataset = Dataset.from_dict({"prompt": [f"{a}+{b}=" for a in range(8) for b in range(8)]})
+    settings = dict(
+        output_dir=tempfile.mkdtemp(dir=options["work_dir"]),
+        use_cpu=not on_cuda,
+        bf16=on_cuda,
+        gradient_checkpointing=options["gradient_checkpointing"],
+        per_device_train_batch_size=8,
+        num_generations=2,
+        max_completion_length=length,
+        # Every completion is exactly `length` tokens: eos is suppressed until the last position, then forced.
+        generation_kwargs={"min_new_tokens": length - 1, "forced_eos_token_id": tokenizer.eos_token_id},
+        learning_rate=1e-4,
+        beta=0.05,
+        max_steps=options["steps"],
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+    )
+    trainer_class, config_class, extra = {
+        "grpo_lora": (GRPOTrainer, GRPOConfig, {}),
+        "ppo_lora_critic": (PPOTrainer, PPOConfig, {}),
+        "ppo_full_critic": (PPOTrainer, PPOConfig, {"value_model": options["model_path"]}),
+    }[name]
+    args = config_class(**settings, **extra)
+    peft_config = LoraConfig(target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16)
+
+    gc.collect()
+    if on_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        _reset_peak_rss()
+        baseline = _read_status_kib("VmRSS") * 1024
+    trainer = trainer_class(
+        model=options["model_path"],
+        reward_funcs=digit_reward,
+        args=args,
+        train_dataset=dataset,
+        peft_config=peft_config,
+    )
+    trainer.remove_callback(transformers.PrinterCallback)
+    trainer.train()
+    if on_cuda:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = _read_status_kib("VmHWM") * 1024
+    history = trainer.state.log_history
+    return {
+        "step_times": [entry["step_time"] for entry in history if "step_time" in entry],
+        "peak_mib": (peak - baseline) / 2**20,
+        "lengths": sorted({e["completions/mean_length"] for e in history if "completions/mean_length" in e}),
+        "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "total_params": sum(p.numel() for p in trainer.model.parameters()),
+    }
+
+
+def _child(name: str, options: dict, connection) -> None:
+    try:
+        connection.send(("ok", run_once(name, options)))
+    except BaseException:  # report any failure to the parent instead of dying silently
+        connection.send(("error", traceback.format_exc()))
+    finally:
+        connection.close()
+
+
+def run_in_fresh_process(context, name: str, options: dict) -> dict:
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_child, args=(name, options, sender))
+    process.start()
+    sender.close()
+    try:
+        status, payload = receiver.recv()
+    except EOFError:
+        status, payload = "error", "worker exited without a result"
+    process.join()
+    if status != "ok":
+        raise RuntimeError(f"run of {name} failed:\n{payload}")
+    return payload
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--model", choices=["local", "0.5b"], default="local", help="'0.5b': Qwen2.5-0.5B's shape.")
+    parser.add_argument("--hidden-size", type=int, default=512, help="Hidden size of the local model.")
+    parser.add_argument("--num-layers", type=int, default=8, help="Layers of the local model.")
+    parser.add_argument("--completion-length", type=int, default=32, help="Fixed completion length in tokens.")
+    parser.add_argument("--steps", type=int, default=6, help="Training steps per run (the first 2 are warm-up).")
+    parser.add_argument("--repeats", type=int, default=2, help="Runs per configuration, in alternating order.")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="Activation checkpointing in all.")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per run (CPU).")
+    args = parser.parse_args()
+    if args.steps <= WARMUP_STEPS:
+        parser.error(f"--steps must be > {WARMUP_STEPS}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    os.environ.update(
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        MALLOC_MMAP_THRESHOLD_="131072",  # freed buffers go back to the OS: peak RSS follows live memory
+    )
+    if args.device == "cpu":
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    work_dir = tempfile.mkdtemp(prefix="trl-plus-ppo-memory-")
+    options = {**vars(args), "work_dir": work_dir, "model_path": os.path.join(work_dir, "model")}
+    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    context = mp.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload(HEAVY_MODULES)
+    build = context.Process(target=build_model, args=(options,))
+    build.start()
+    build.join()
+
+    runs = {name: [] for name in CONFIGS}
+    started = time.time()
+    for repeat in range(args.repeats):
+        order = CONFIGS if repeat % 2 == 0 else CONFIGS[::-1]
+        for name in order:
+            runs[name].append(run_in_fresh_process(context, name, options))
+            print(f"  repeat {repeat + 1}/{args.repeats} {name}: {runs[name][-1]['peak_mib']:.1f} MiB", flush=True)
+
+    summary = {
+        name: {
+            "mib": statistics.median(run["peak_mib"] for run in config_runs),
+            "step": statistics.median(t for run in config_runs for t in run["step_times"][WARMUP_STEPS:]),
+            "trainable": config_runs[0]["trainable_params"],
+            "total": config_runs[0]["total_params"],
+            "lengths": config_runs[0]["lengths"],
+        }
+        for name, config_runs in runs.items()
+    }
+    base = summary["grpo_lora"]
+    model_desc = f"hidden {args.hidden_size}, {args.num_layers} layers"
+    model_desc = "Qwen2.5-0.5B-shaped" if args.model == "0.5b" else model_desc
+    print(
+        f"\nPPO critics vs GRPO with LoRA on {args.device} ({model_desc}, {base['total'] / 1e6:.1f}M params; "
+        f"8 completions x {args.completion_length} tokens per step; gradient checkpointing "
+        f"{'on' if args.gradient_checkpointing else 'off'}; {args.repeats} repeats x {args.steps} steps, "
+        f"{time.time() - started:.0f} s)"
+    )
+    print(f"{'configuration':<18}{'peak MiB':>10}{'x GRPO':>9}{'step s':>9}{'x GRPO':>9}{'trainable':>12}")
+    for name, row in summary.items():
+        print(
+            f"{name:<18}{row['mib']:>10.1f}{row['mib'] / base['mib']:>9.2f}{row['step']:>9.3f}"
+            f"{row['step'] / base['step']:>9.2f}{row['trainable'] / 1e6:>11.2f}M"
+        )
+    lora_ratio = summary["ppo_lora_critic"]["mib"] / base["mib"]
+    full_ratio = summary["ppo_full_critic"]["mib"] / base["mib"]
+    print(
+        f"LoRA critic memory {lora_ratio:.2f}x GRPO-LoRA (target <= {MEMORY_TARGET}): "
+        f"{'PASS' if lora_ratio <= MEMORY_TARGET else 'FAIL'}; separate full critic {full_ratio:.2f}x: the LoRA "
+        f"critic uses {summary['ppo_lora_critic']['mib'] / summary['ppo_full_critic']['mib']:.2f}x its memory "
+        f"({'PASS' if lora_ratio < full_ratio else 'FAIL'})"
+    )
+    lengths = {name: row["lengths"] for name, row in summary.items()}
+    if any(value != [args.completion_length] for value in lengths.values()):
+        print(f"warning: completion lengths were not fixed: {lengths}")
+
+
+if __name__ == "__main__":
+    main()

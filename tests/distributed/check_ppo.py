@@ -1,0 +1,206 @@
+"""`trl_plus.PPOTrainer` (LoRA critic) on 2 processes against 1; `tests/test_ppo.py` launches it and compares runs.
+
+    python check_ppo.py MODEL_DIR OUT_DIR                                        # 1 process, the reference
+    torchrun --standalone --nproc_per_node 2 check_ppo.py MODEL_DIR OUT_DIR      # 2 processes, gloo on CPU
+
+The global batch is 12 fixed completions (lengths 1 to 8, one per prompt: `num_generations=1`), returned by a
+`rollout_func` instead of generated, with fixed rewards, so both runs see the same data. The policy's LoRA starts
+non-zero (`init_lora_weights=False`), so the policy differs from the reference (adapters disabled) and the k1 KL in
+the reward is not 0.
+
+1. Rollout, on two layouts of the samples over the processes: TRL's `_generate_and_score_completions` plus the PPO
+   hooks give per-sample token advantages (GAE on KL-shaped rewards, whitened over the global batch), returns and old
+   values. They are checked against a reference computed here on the full batch in one piece, with no collective:
+   the critic's values, the policy's and the reference's log-probs of all 12 samples, then the pure functions
+   (`kl_shaped_token_rewards`, `gae`, `masked_whiten` without all-reduce).
+2. Training: 2 optimizer steps of `trainer.train()` (DDP for the policy adapter, the trainer's own gradient averaging
+   for the critic). Every trainable parameter is saved, so the test can check that both processes hold the same
+   weights and that they equal the single-process run's.
+
+Writes OUT_DIR/rank{R}.json (summary and checks) and OUT_DIR/rank{R}.pt (tensors); exits 1 if a check fails.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+NUM_SAMPLES = 12
+COMPLETION_LENGTHS = [1, 2, 3, 2, 5, 3, 8, 4, 7, 6, 8, 5]
+REWARDS = [1.0, 0.0, 0.0, 1.0, 0.5, 2.0, -1.0, 0.0, 1.0, 1.0, 1.0, 3.0]
+MAX_COMPLETION_LENGTH = max(COMPLETION_LENGTHS)
+PROMPT_LENGTH = 4  # no left padding: a row's forward does not depend on its batch
+LAYOUTS = {"in_order": list(range(NUM_SAMPLES)), "rotated_reversed": [11, 10, 9, 8, 3, 2, 1, 0, 7, 6, 5, 4]}
+GAMMA, LAM, BETA = 1.0, 0.9, 0.1
+ATOL = 1e-5
+
+
+def make_samples(vocab_size: int, eos_token_id: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1234)
+    first_token = max(eos_token_id, pad_token_id) + 2  # skip the special tokens
+    prompt_ids = torch.randint(first_token, vocab_size, (NUM_SAMPLES, PROMPT_LENGTH), generator=generator)
+    completion_ids = torch.randint(first_token, vocab_size, (NUM_SAMPLES, MAX_COMPLETION_LENGTH), generator=generator)
+    lengths = torch.tensor(COMPLETION_LENGTHS)
+    completion_mask = (torch.arange(MAX_COMPLETION_LENGTH) < lengths.unsqueeze(1)).long()
+    completion_ids[torch.arange(NUM_SAMPLES), lengths - 1] = eos_token_id
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_token_id)
+    return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "completion_mask": completion_mask}
+
+
+def make_rollout_func(samples):
+    def rollout_func(prompts, trainer):
+        ids = [int(prompt.removeprefix("sample ")) for prompt in prompts]
+        return {
+            "prompt_ids": [samples["prompt_ids"][s].tolist() for s in ids],
+            "completion_ids": [samples["completion_ids"][s, : COMPLETION_LENGTHS[s]].tolist() for s in ids],
+            "logprobs": None,
+        }
+
+    return rollout_func
+
+
+def fixed_reward(completions, sample, **kwargs):
+    return [REWARDS[s] for s in sample]
+
+
+def build_trainer(model_dir: str, out_dir: Path, samples, max_steps: int = 2):
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    from trl_plus.trainer.ppo import PPOConfig, PPOTrainer
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    args = PPOConfig(
+        output_dir=str(out_dir / "trainer"),
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        per_device_train_batch_size=NUM_SAMPLES // world_size,
+        num_generations=1,
+        max_completion_length=MAX_COMPLETION_LENGTH,
+        learning_rate=1e-2,
+        critic_learning_rate=2e-2,
+        beta=BETA,
+        kl_target=1.0,
+        gamma=GAMMA,
+        lam=LAM,
+        max_steps=max_steps,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    dataset = Dataset.from_dict({"prompt": [f"sample {s}" for s in range(NUM_SAMPLES)], "sample": list(range(12))})
+    return PPOTrainer(
+        model_dir,
+        reward_funcs=fixed_reward,
+        args=args,
+        train_dataset=dataset,
+        rollout_func=make_rollout_func(samples),
+        peft_config=LoraConfig(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, init_lora_weights=False),
+    )
+
+
+def reference_rollout(trainer, samples) -> dict[str, torch.Tensor]:
+    """Advantages, returns and values of the full batch from the definitions, on this process alone."""
+    from trl_plus.algos import KL_ESTIMATORS, masked_whiten
+    from trl_plus.algos.value import gae, kl_shaped_token_rewards
+
+    batch = {**samples, "prompt_mask": torch.ones_like(samples["prompt_ids"])}
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    mask = batch["completion_mask"].float()
+    model = trainer.model
+    with torch.no_grad():
+        values = trainer._critic_values(batch)
+        log_probs, _, _ = trainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, 8)
+        with model.disable_adapter():
+            ref_log_probs, _, _ = trainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, 8)
+    kl = KL_ESTIMATORS.get("k1")(log_probs, ref_log_probs) * mask
+    token_rewards = kl_shaped_token_rewards(torch.tensor(REWARDS), kl, mask, BETA)
+    advantages, returns = gae(token_rewards, values, mask, GAMMA, LAM)
+    return {
+        "advantages": masked_whiten(advantages, mask),
+        "returns": returns,
+        "old_values": values * mask,
+        "kl_max": kl.abs().max(),
+    }
+
+
+def run_rollout(trainer, layout: list[int], rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    """This process's rows of `layout` through the trainer; per-sample tensors summed over processes."""
+    local_size = NUM_SAMPLES // world_size
+    local_samples = layout[rank * local_size : (rank + 1) * local_size]
+    output = trainer._generate_and_score_completions([{"prompt": f"sample {s}", "sample": s} for s in local_samples])
+    result = {}
+    for key in ("advantages", "returns", "old_values"):
+        full = torch.zeros(NUM_SAMPLES, MAX_COMPLETION_LENGTH)
+        width = output[key].size(1)
+        full[local_samples, :width] = (output[key] * output["completion_mask"]).detach().float()
+        if world_size > 1:
+            dist.all_reduce(full)
+        result[key] = full
+    return result
+
+
+def check(checks: dict, name: str, actual: torch.Tensor, expected: torch.Tensor, atol: float = ATOL) -> None:
+    error = (actual - expected).abs().max().item()
+    checks[name] = {"max_abs_err": error, "max_abs_expected": expected.abs().max().item(), "ok": error <= atol}
+
+
+def main(model_dir: str, out_dir: str) -> int:
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental in TRL 1.16
+    from transformers import AutoTokenizer
+
+    out_dir = Path(out_dir)
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    samples = make_samples(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    summary = {"rank": rank, "world_size": world_size, "checks": {}}
+    tensors = {"rollout": {}, "samples": samples}
+    checks = summary["checks"]
+
+    # 1. Rollout: whitening over the global batch, on two layouts.
+    trainer = build_trainer(model_dir, out_dir, samples)
+    trainer.model.train()
+    summary["num_processes"] = trainer.accelerator.num_processes
+    summary["distributed_type"] = str(trainer.accelerator.distributed_type)
+    reference = reference_rollout(trainer, samples)
+    tensors["reference"] = reference
+    initial_kl_controller = trainer._kl_controller.state_dict()
+    for layout_name, layout in LAYOUTS.items():
+        trainer._kl_controller.load_state_dict(initial_kl_controller)  # a rollout adapts beta: start each from BETA
+        result = run_rollout(trainer, layout, rank, world_size)
+        tensors["rollout"][layout_name] = result
+        for key in ("advantages", "returns", "old_values"):
+            check(checks, f"{key}/{layout_name}", result[key], reference[key])
+    del trainer
+
+    # 2. Training: 2 optimizer steps; every trainable parameter afterwards.
+    trainer = build_trainer(model_dir, out_dir, samples)
+    model = trainer.model
+    tensors["initial"] = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    trainer.train()
+    tensors["trained"] = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    summary["log_history"] = trainer.state.log_history
+    summary["num_critic_params"] = len(trainer._critic_params)
+
+    summary["failures"] = sorted(name for name, result in checks.items() if not result["ok"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(tensors, out_dir / f"rank{rank}.pt")
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(summary, indent=2))
+    for name in summary["failures"]:
+        print(f"[rank {rank}] MISMATCH {name}: {checks[name]}", file=sys.stderr)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 1 if summary["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:3]))
