@@ -30,14 +30,13 @@ other configuration more than 5% slower than its TRL counterpart.
 
 import argparse
 import math
-import multiprocessing as mp
 import os
 import statistics
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass, field
 
+from fresh_process import fork_server_context, run_in_fresh_process
 from transformers import TrainerCallback
 
 # Modules the fork server imports once; every run is a fork of it.
@@ -264,30 +263,6 @@ def run_once(side: Side, options: dict) -> dict:
     }
 
 
-def _child(side: Side, options: dict, connection) -> None:
-    try:
-        connection.send(("ok", run_once(side, options)))
-    except BaseException:  # report any failure to the parent instead of dying silently
-        connection.send(("error", traceback.format_exc()))
-    finally:
-        connection.close()
-
-
-def run_in_fresh_process(context, side: Side, options: dict) -> dict:
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_child, args=(side, options, sender))
-    process.start()
-    sender.close()
-    try:
-        status, payload = receiver.recv()
-    except EOFError:
-        status, payload = "error", "worker exited without a result"
-    process.join()
-    if status != "ok":
-        raise RuntimeError(f"run of {side.label()} failed:\n{payload}")
-    return payload
-
-
 def cycle_times(step_times: list[float], cycle: int) -> list[float]:
     """Per-step time averaged over each generation cycle, after dropping the warm-up steps (whole cycles)."""
     skip = math.ceil(WARMUP_STEPS / cycle) * cycle
@@ -343,10 +318,7 @@ def main() -> None:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     pairs = [pair for pair in PAIRS if args.only is None or pair.name in args.only]
     # A fork server that imported the heavy modules once: each run is a cheap fork, still a fresh process.
-    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-    context = mp.get_context(method)
-    if method == "forkserver":
-        context.set_forkserver_preload(HEAVY_MODULES)
+    context = fork_server_context(HEAVY_MODULES)
 
     from transformers.utils import logging as hf_logging
 
@@ -394,7 +366,8 @@ def main() -> None:
             order = ("trl", "plus") if repeat % 2 == 0 else ("plus", "trl")
             progress = []
             for side in order:
-                result = run_in_fresh_process(context, getattr(pair, side), options)
+                recipe = getattr(pair, side)
+                result = run_in_fresh_process(context, run_once, recipe, options, recipe.label())
                 if result["lengths"] != {float(args.completion_length)}:
                     raise RuntimeError(f"{pair.name}/{side}: completion lengths {result['lengths']} are not fixed")
                 runs[pair.name, side].append(result)

@@ -29,12 +29,12 @@ separate critic.
 """
 
 import argparse
-import multiprocessing as mp
 import os
 import statistics
 import tempfile
 import time
-import traceback
+
+from fresh_process import fork_server_context, run_in_fresh_process
 
 HEAVY_MODULES = ["torch", "transformers", "datasets", "peft", "trl", "trl_plus", "trl_plus.trainer.ppo"]
 WARMUP_STEPS = 2
@@ -177,30 +177,6 @@ def run_once(name: str, options: dict) -> dict:
     }
 
 
-def _child(name: str, options: dict, connection) -> None:
-    try:
-        connection.send(("ok", run_once(name, options)))
-    except BaseException:  # report any failure to the parent instead of dying silently
-        connection.send(("error", traceback.format_exc()))
-    finally:
-        connection.close()
-
-
-def run_in_fresh_process(context, name: str, options: dict) -> dict:
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_child, args=(name, options, sender))
-    process.start()
-    sender.close()
-    try:
-        status, payload = receiver.recv()
-    except EOFError:
-        status, payload = "error", "worker exited without a result"
-    process.join()
-    if status != "ok":
-        raise RuntimeError(f"run of {name} failed:\n{payload}")
-    return payload
-
-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -230,10 +206,7 @@ def main() -> None:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     work_dir = tempfile.mkdtemp(prefix="trl-plus-ppo-memory-")
     options = {**vars(args), "work_dir": work_dir, "model_path": os.path.join(work_dir, "model")}
-    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-    context = mp.get_context(method)
-    if method == "forkserver":
-        context.set_forkserver_preload(HEAVY_MODULES)
+    context = fork_server_context(HEAVY_MODULES)
     build = context.Process(target=build_model, args=(options,))
     build.start()
     build.join()
@@ -243,7 +216,7 @@ def main() -> None:
     for repeat in range(args.repeats):
         order = CONFIGS if repeat % 2 == 0 else CONFIGS[::-1]
         for name in order:
-            runs[name].append(run_in_fresh_process(context, name, options))
+            runs[name].append(run_in_fresh_process(context, run_once, name, options, name))
             print(f"  repeat {repeat + 1}/{args.repeats} {name}: {runs[name][-1]['peak_mib']:.1f} MiB", flush=True)
 
     summary = {
