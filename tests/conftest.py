@@ -1,3 +1,7 @@
+import os
+import signal
+import subprocess
+
 import pytest
 from datasets import Dataset
 
@@ -40,3 +44,19 @@ def make_config(config_class, output_dir, **overrides):
     )
     settings.update(overrides)
     return config_class(**settings)
+
+
+def run_isolated(command: list[str], timeout_s: float) -> tuple[int, str]:
+    """Run `command` (e.g. torchrun) on CPU in its own session; on timeout kill the whole session (a deadlock shows as
+    a failure, not a hung suite). Returns the exit code and the combined output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TRL_EXPERIMENTAL_SILENCE": "1"}
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # torchrun and its workers: the session this call started
+        output, _ = process.communicate()
+        pytest.fail(f"{command} ran over {timeout_s} s:\n{output[-5000:]}")
+    return process.returncode, output

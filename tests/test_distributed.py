@@ -11,15 +11,13 @@ count); the tests below also compare the runs with each other.
 
 import importlib.util
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import run_isolated
 from torch.testing import assert_close
 
 SCRIPT = Path(__file__).parent / "distributed" / "check_two_process.py"
@@ -40,20 +38,6 @@ def _load_script_module():
 
 
 script = _load_script_module()  # for its constants: CONFIGS, LAYOUTS
-
-
-def _run(command: list[str]) -> tuple[int, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TRL_EXPERIMENTAL_SILENCE": "1"}
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
-    )
-    try:
-        output, _ = process.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # torchrun and its workers: the session this test started
-        output, _ = process.communicate()
-        pytest.fail(f"{command} ran over {TIMEOUT_S} s:\n{output[-5000:]}")
-    return process.returncode, output
 
 
 def _load(out_dir: Path, rank: int) -> tuple[dict, dict]:
@@ -81,7 +65,7 @@ def runs(tiny_model_path, tmp_path_factory):
     }
     results = {}
     for name, command in commands.items():
-        returncode, output = _run(command)
+        returncode, output = run_isolated(command, TIMEOUT_S)
         assert returncode == 0, f"{name} run exited {returncode}:\n{output[-8000:]}"
         num_ranks = 1 if name == "single" else 2
         missing = [rank for rank in range(num_ranks) if not (root / name / f"rank{rank}.json").exists()]

@@ -12,10 +12,7 @@ left padding and a prefix can be re-run alone to check a value independently.
 import inspect
 import json
 import math
-import os
 import runpy
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,7 +21,7 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 import transformers
-from conftest import make_config
+from conftest import make_config, run_isolated
 from datasets import Dataset
 from peft import LoraConfig
 from torch.testing import assert_close
@@ -757,20 +754,6 @@ pytest_distributed = pytest.mark.skipif(
 )
 
 
-def _run(command: list[str]) -> tuple[int, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TRL_EXPERIMENTAL_SILENCE": "1"}
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
-    )
-    try:
-        output, _ = process.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # torchrun and its workers: the session this test started
-        output, _ = process.communicate()
-        pytest.fail(f"{command} ran over {TIMEOUT_S} s:\n{output[-5000:]}")
-    return process.returncode, output
-
-
 @pytest.fixture(scope="module")
 def ppo_runs(tiny_model_path, tmp_path_factory):
     root = tmp_path_factory.mktemp("ppo-distributed")
@@ -783,7 +766,7 @@ def ppo_runs(tiny_model_path, tmp_path_factory):
     }
     results = {}
     for name, command in commands.items():
-        returncode, output = _run(command)
+        returncode, output = run_isolated(command, TIMEOUT_S)
         assert returncode == 0, f"{name} run exited {returncode}:\n{output[-8000:]}"
         ranks = range(1 if name == "single" else 2)
         results[name] = [
