@@ -354,9 +354,9 @@ class GRPOTrainer(trl.GRPOTrainer):
             output = self._generate_with_dynamic_sampling(inputs)
         else:
             output = self._generate_and_score_round(inputs)
-        is_scored = output.pop("is_scored", None)
         if self.args.advantage_estimator in GLOBALLY_WHITENED:
             # Completions no reward function scored carry no signal: out of the statistics, advantage 0.
+            is_scored = output.pop("is_scored")
             mask = output["completion_mask"] * output.get("tool_mask", 1) * is_scored.unsqueeze(1)
             advantages = output["advantages"]
             token_advantages = advantages if advantages.dim() == 2 else advantages.unsqueeze(1) * mask
@@ -376,7 +376,8 @@ class GRPOTrainer(trl.GRPOTrainer):
             self._log_advantages(output)  # TRL logged this round's rows with its own GRPO advantages
         if self.args.advantage_estimator == "remax":
             self._mask_greedy_rows(output)
-        output["is_scored"] = ~torch.isnan(self._local_rows(self._global_rewards(), output))
+        if self.args.advantage_estimator in GLOBALLY_WHITENED:  # kept per row: dynamic sampling regroups rows
+            output["is_scored"] = ~torch.isnan(self._local_rows(self._global_rewards(), output))
         return output
 
     # ------------------------------------------------------------------ ReMax
