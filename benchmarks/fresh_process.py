@@ -1,4 +1,5 @@
-"""Run each benchmark measurement in a fresh process, forked from a server that imported the heavy modules once.
+"""Run each benchmark measurement in a fresh process, forked from a server that imported the heavy modules once,
+and read that process's own peak memory.
 
 Runs then share no allocator state (each peak-memory reading is the run's own) and skip the seconds of imports.
 """
@@ -39,3 +40,23 @@ def run_in_fresh_process(context, run_once, recipe, options: dict, label: str) -
     if status != "ok":
         raise RuntimeError(f"run of {label} failed:\n{payload}")
     return payload
+
+
+def read_status_kib(key: str) -> int:
+    """A `/proc/self/status` field in KiB (`VmRSS`, `VmHWM`, ...)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0), so that only this run's own peak is counted; False if unable
+    (then VmHWM also holds what this process touched between the fork and the baseline)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        return False
+    return True

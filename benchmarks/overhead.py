@@ -36,7 +36,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from fresh_process import fork_server_context, run_in_fresh_process
+from fresh_process import fork_server_context, read_status_kib, reset_peak_rss, run_in_fresh_process
 from transformers import TrainerCallback
 
 # Modules the fork server imports once; every run is a fork of it.
@@ -149,23 +149,6 @@ def digit_reward(completions, **kwargs):
     return [float(sum(ch.isdigit() for ch in completion)) for completion in completions]
 
 
-def _read_status_kib(key: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _reset_peak_rss() -> None:
-    """Reset VmHWM to the current RSS (Linux >= 4.0), so that only this run's own peak is counted."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-    except OSError:  # then VmHWM also holds the few MiB this process touched between the fork and the baseline
-        pass
-
-
 class _CPUClock(TrainerCallback):
     """CPU time of this process per optimizer step: unlike wall time, barely moved by other load on the cores."""
 
@@ -233,8 +216,8 @@ def run_once(side: Side, options: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
     else:
-        _reset_peak_rss()
-        baseline = _read_status_kib("VmRSS") * 1024
+        reset_peak_rss()
+        baseline = read_status_kib("VmRSS") * 1024
 
     trainer = trainer_class(model=model, reward_funcs=digit_reward, args=args, train_dataset=dataset)
     trainer.remove_callback(transformers.PrinterCallback)  # it prints every step's logs with tqdm disabled
@@ -246,7 +229,7 @@ def run_once(side: Side, options: dict) -> dict:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = _read_status_kib("VmHWM") * 1024
+        peak = read_status_kib("VmHWM") * 1024
     history = trainer.state.log_history
     step_times = [entry["step_time"] for entry in history if "step_time" in entry]
     lengths = {entry["completions/mean_length"] for entry in history if "completions/mean_length" in entry}

@@ -34,7 +34,7 @@ import statistics
 import tempfile
 import time
 
-from fresh_process import fork_server_context, run_in_fresh_process
+from fresh_process import fork_server_context, read_status_kib, reset_peak_rss, run_in_fresh_process
 
 HEAVY_MODULES = ["torch", "transformers", "datasets", "peft", "trl", "trl_plus", "trl_plus.trainer.ppo"]
 WARMUP_STEPS = 2
@@ -45,23 +45,6 @@ CONFIGS = ("grpo_lora", "ppo_lora_critic", "ppo_full_critic")
 def digit_reward(completions, **kwargs):
     """1.0 per digit: cheap, deterministic."""
     return [float(sum(ch.isdigit() for ch in completion)) for completion in completions]
-
-
-def _read_status_kib(key: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _reset_peak_rss() -> None:
-    """Reset VmHWM to the current RSS (Linux >= 4.0), so that only this run's own peak is counted."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-    except OSError:
-        pass
 
 
 def build_model(options: dict) -> None:
@@ -151,8 +134,8 @@ def run_once(name: str, options: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
     else:
-        _reset_peak_rss()
-        baseline = _read_status_kib("VmRSS") * 1024
+        reset_peak_rss()
+        baseline = read_status_kib("VmRSS") * 1024
     trainer = trainer_class(
         model=options["model_path"],
         reward_funcs=digit_reward,
@@ -166,7 +149,7 @@ def run_once(name: str, options: dict) -> dict:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = _read_status_kib("VmHWM") * 1024
+        peak = read_status_kib("VmHWM") * 1024
     history = trainer.state.log_history
     return {
         "step_times": [entry["step_time"] for entry in history if "step_time" in entry],
