@@ -4,6 +4,7 @@ and read that process's own peak memory.
 Runs then share no allocator state (each peak-memory reading is the run's own) and skip the seconds of imports.
 """
 
+import gc
 import multiprocessing as mp
 import traceback
 
@@ -42,7 +43,56 @@ def run_in_fresh_process(context, run_once, recipe, options: dict, label: str) -
     return payload
 
 
-def read_status_kib(key: str) -> int:
+def quiet_run(threads: int) -> None:
+    """In a measured run: one torch thread count, and no warnings, progress bars or info logs on the console."""
+    import logging
+    import warnings
+
+    import torch
+    import transformers
+
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    logging.getLogger("trl_plus").setLevel(logging.ERROR)
+    torch.set_num_threads(threads)
+
+
+class PeakMemory:
+    """`with PeakMemory(on_cuda) as memory: ...`, then `memory.mib`: the block's peak memory increase, in MiB.
+
+    On CUDA, allocated device memory; on CPU, the process's peak RSS (VmHWM) over its RSS when the block starts.
+    """
+
+    def __init__(self, on_cuda: bool):
+        self.on_cuda = on_cuda
+        self.mib = None
+
+    def __enter__(self):
+        import torch
+
+        gc.collect()
+        if self.on_cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._baseline = torch.cuda.memory_allocated()
+        else:
+            _reset_peak_rss()
+            self._baseline = _read_status_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc_info):
+        import torch
+
+        if self.on_cuda:
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            peak = _read_status_kib("VmHWM") * 1024
+        self.mib = (peak - self._baseline) / 2**20
+
+
+def _read_status_kib(key: str) -> int:
     """A `/proc/self/status` field in KiB (`VmRSS`, `VmHWM`, ...)."""
     with open("/proc/self/status") as status:
         for line in status:
@@ -51,12 +101,10 @@ def read_status_kib(key: str) -> int:
     raise KeyError(key)
 
 
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0), so that only this run's own peak is counted; False if unable
-    (then VmHWM also holds what this process touched between the fork and the baseline)."""
+def _reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0), so that only this run's own peak is counted."""
     try:
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")
-    except OSError:
-        return False
-    return True
+    except OSError:  # then VmHWM also holds the few MiB this process touched between the fork and the baseline
+        pass

@@ -36,7 +36,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from fresh_process import fork_server_context, read_status_kib, reset_peak_rss, run_in_fresh_process
+from fresh_process import PeakMemory, fork_server_context, quiet_run, run_in_fresh_process
 from transformers import TrainerCallback
 
 # Modules the fork server imports once; every run is a fork of it.
@@ -164,21 +164,13 @@ class _CPUClock(TrainerCallback):
 
 def run_once(side: Side, options: dict) -> dict:
     """Train one configuration in this (fresh) process; return its per-step times and peak memory increase (MiB)."""
-    import gc
     import importlib
-    import logging
-    import warnings
 
     import torch
     import transformers
     from datasets import Dataset
 
-    warnings.filterwarnings("ignore")
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    logging.getLogger("trl_plus").setLevel(logging.ERROR)
-
-    torch.set_num_threads(options["threads"])
+    quiet_run(options["threads"])
     module = importlib.import_module(side.module)
     trainer_class, config_class = getattr(module, side.trainer), getattr(module, side.config)
     on_cuda = options["device"] == "cuda"
@@ -209,27 +201,14 @@ def run_once(side: Side, options: dict) -> dict:
     settings.update(side.overrides)
     args = config_class(**settings)
 
-    gc.collect()
     if on_cuda:
         model.to("cuda")
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated()
-    else:
-        reset_peak_rss()
-        baseline = read_status_kib("VmRSS") * 1024
-
-    trainer = trainer_class(model=model, reward_funcs=digit_reward, args=args, train_dataset=dataset)
-    trainer.remove_callback(transformers.PrinterCallback)  # it prints every step's logs with tqdm disabled
-    cpu_clock = _CPUClock()
-    trainer.add_callback(cpu_clock)
-    trainer.train()
-
-    if on_cuda:
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = read_status_kib("VmHWM") * 1024
+    with PeakMemory(on_cuda) as memory:
+        trainer = trainer_class(model=model, reward_funcs=digit_reward, args=args, train_dataset=dataset)
+        trainer.remove_callback(transformers.PrinterCallback)  # it prints every step's logs with tqdm disabled
+        cpu_clock = _CPUClock()
+        trainer.add_callback(cpu_clock)
+        trainer.train()
     history = trainer.state.log_history
     step_times = [entry["step_time"] for entry in history if "step_time" in entry]
     lengths = {entry["completions/mean_length"] for entry in history if "completions/mean_length" in entry}
@@ -239,7 +218,7 @@ def run_once(side: Side, options: dict) -> dict:
     return {
         "step_times": step_times,
         "cpu_times": cpu_clock.step_times,
-        "peak_mib": (peak - baseline) / 2**20,
+        "peak_mib": memory.mib,
         "cycle": max(cycle, 1),
         "lengths": lengths,
         "rounds": rounds,

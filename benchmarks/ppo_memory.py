@@ -34,7 +34,7 @@ import statistics
 import tempfile
 import time
 
-from fresh_process import fork_server_context, read_status_kib, reset_peak_rss, run_in_fresh_process
+from fresh_process import PeakMemory, fork_server_context, quiet_run, run_in_fresh_process
 
 HEAVY_MODULES = ["torch", "transformers", "datasets", "peft", "trl", "trl_plus", "trl_plus.trainer.ppo"]
 WARMUP_STEPS = 2
@@ -80,11 +80,6 @@ def build_model(options: dict) -> None:
 
 def run_once(name: str, options: dict) -> dict:
     """Train one configuration in this (fresh) process; its step times (s) and peak memory (MiB)."""
-    import gc
-    import logging
-    import warnings
-
-    import torch
     import transformers
     from datasets import Dataset
     from peft import LoraConfig
@@ -92,11 +87,7 @@ def run_once(name: str, options: dict) -> dict:
     from trl_plus import GRPOConfig, GRPOTrainer
     from trl_plus.trainer.ppo import PPOConfig, PPOTrainer
 
-    warnings.filterwarnings("ignore")
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    logging.getLogger("trl_plus").setLevel(logging.ERROR)
-    torch.set_num_threads(options["threads"])
+    quiet_run(options["threads"])
     on_cuda = options["device"] == "cuda"
     length = options["completion_length"]
     tokenizer = transformers.AutoTokenizer.from_pretrained(options["model_path"])
@@ -128,32 +119,20 @@ def run_once(name: str, options: dict) -> dict:
     args = config_class(**settings, **extra)
     peft_config = LoraConfig(target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16)
 
-    gc.collect()
-    if on_cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated()
-    else:
-        reset_peak_rss()
-        baseline = read_status_kib("VmRSS") * 1024
-    trainer = trainer_class(
-        model=options["model_path"],
-        reward_funcs=digit_reward,
-        args=args,
-        train_dataset=dataset,
-        peft_config=peft_config,
-    )
-    trainer.remove_callback(transformers.PrinterCallback)
-    trainer.train()
-    if on_cuda:
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = read_status_kib("VmHWM") * 1024
+    with PeakMemory(on_cuda) as memory:
+        trainer = trainer_class(
+            model=options["model_path"],
+            reward_funcs=digit_reward,
+            args=args,
+            train_dataset=dataset,
+            peft_config=peft_config,
+        )
+        trainer.remove_callback(transformers.PrinterCallback)
+        trainer.train()
     history = trainer.state.log_history
     return {
         "step_times": [entry["step_time"] for entry in history if "step_time" in entry],
-        "peak_mib": (peak - baseline) / 2**20,
+        "peak_mib": memory.mib,
         "lengths": sorted({e["completions/mean_length"] for e in history if "completions/mean_length" in e}),
         "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "total_params": sum(p.numel() for p in trainer.model.parameters()),
