@@ -11,6 +11,7 @@ left padding and a prefix can be re-run alone to check a value independently.
 
 import inspect
 import json
+import logging
 import math
 import runpy
 import sys
@@ -176,6 +177,18 @@ def test_vapo_config_has_the_papers_defaults_and_only_changes_defaults(tmp_path)
     assert (args.beta, args.kl_in_reward) == (0.0, False)
     assert set(VAPOConfig.__dataclass_fields__) == set(PPOConfig.__dataclass_fields__)
     assert VAPOTrainer.config_class is VAPOConfig and issubclass(VAPOTrainer, PPOTrainer)
+
+
+def test_vapo_warns_when_every_completion_is_too_short_for_length_adaptive_lambda(tmp_path, caplog):
+    # alpha = 0.05: lambda_policy = 1 - 1 / (0.05 * l) <= 0 for every l <= 20 tokens.
+    with caplog.at_level(logging.WARNING, logger="trl_plus"):
+        make_config(VAPOConfig, tmp_path, max_completion_length=20)
+    assert any("length_adaptive_alpha=0.05" in record.getMessage() for record in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trl_plus"):
+        make_config(VAPOConfig, tmp_path, max_completion_length=21)
+        make_config(VAPOConfig, tmp_path, max_completion_length=8, length_adaptive_alpha=None)
+    assert not any("length_adaptive_alpha" in record.getMessage() for record in caplog.records)
 
 
 def test_full_policy_without_value_model_gets_a_critic_copied_from_its_checkpoint(tiny_model_path, dataset, tmp_path):

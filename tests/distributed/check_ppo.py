@@ -20,54 +20,21 @@ the reward is not 0.
 Writes OUT_DIR/rank{R}.json (summary and checks) and OUT_DIR/rank{R}.pt (tensors); exits 1 if a check fails.
 """
 
-import json
 import os
 import sys
 from pathlib import Path
 
+import fixed_batch
 import torch
 import torch.distributed as dist
+from fixed_batch import MAX_COMPLETION_LENGTH, NUM_SAMPLES, REWARDS, check
 
-NUM_SAMPLES = 12
-COMPLETION_LENGTHS = [1, 2, 3, 2, 5, 3, 8, 4, 7, 6, 8, 5]
-REWARDS = [1.0, 0.0, 0.0, 1.0, 0.5, 2.0, -1.0, 0.0, 1.0, 1.0, 1.0, 3.0]
-MAX_COMPLETION_LENGTH = max(COMPLETION_LENGTHS)
-PROMPT_LENGTH = 4  # no left padding: a row's forward does not depend on its batch
 LAYOUTS = {"in_order": list(range(NUM_SAMPLES)), "rotated_reversed": [11, 10, 9, 8, 3, 2, 1, 0, 7, 6, 5, 4]}
 GAMMA, LAM, BETA = 1.0, 0.9, 0.1
 ATOL = 1e-5
 
 
-def make_samples(vocab_size: int, eos_token_id: int, pad_token_id: int) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1234)
-    first_token = max(eos_token_id, pad_token_id) + 2  # skip the special tokens
-    prompt_ids = torch.randint(first_token, vocab_size, (NUM_SAMPLES, PROMPT_LENGTH), generator=generator)
-    completion_ids = torch.randint(first_token, vocab_size, (NUM_SAMPLES, MAX_COMPLETION_LENGTH), generator=generator)
-    lengths = torch.tensor(COMPLETION_LENGTHS)
-    completion_mask = (torch.arange(MAX_COMPLETION_LENGTH) < lengths.unsqueeze(1)).long()
-    completion_ids[torch.arange(NUM_SAMPLES), lengths - 1] = eos_token_id
-    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_token_id)
-    return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "completion_mask": completion_mask}
-
-
-def make_rollout_func(samples):
-    def rollout_func(prompts, trainer):
-        ids = [int(prompt.removeprefix("sample ")) for prompt in prompts]
-        return {
-            "prompt_ids": [samples["prompt_ids"][s].tolist() for s in ids],
-            "completion_ids": [samples["completion_ids"][s, : COMPLETION_LENGTHS[s]].tolist() for s in ids],
-            "logprobs": None,
-        }
-
-    return rollout_func
-
-
-def fixed_reward(completions, sample, **kwargs):
-    return [REWARDS[s] for s in sample]
-
-
 def build_trainer(model_dir: str, out_dir: Path, samples, max_steps: int = 2):
-    from datasets import Dataset
     from peft import LoraConfig
 
     from trl_plus.trainer.ppo import PPOConfig, PPOTrainer
@@ -94,13 +61,12 @@ def build_trainer(model_dir: str, out_dir: Path, samples, max_steps: int = 2):
         disable_tqdm=True,
         seed=0,
     )
-    dataset = Dataset.from_dict({"prompt": [f"sample {s}" for s in range(NUM_SAMPLES)], "sample": list(range(12))})
     return PPOTrainer(
         model_dir,
-        reward_funcs=fixed_reward,
+        reward_funcs=fixed_batch.fixed_reward,
         args=args,
-        train_dataset=dataset,
-        rollout_func=make_rollout_func(samples),
+        train_dataset=fixed_batch.make_dataset(),
+        rollout_func=fixed_batch.make_rollout_func(samples),
         peft_config=LoraConfig(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, init_lora_weights=False),
     )
 
@@ -147,11 +113,6 @@ def run_rollout(trainer, layout: list[int], rank: int, world_size: int) -> dict[
     return result
 
 
-def check(checks: dict, name: str, actual: torch.Tensor, expected: torch.Tensor, atol: float = ATOL) -> None:
-    error = (actual - expected).abs().max().item()
-    checks[name] = {"max_abs_err": error, "max_abs_expected": expected.abs().max().item(), "ok": error <= atol}
-
-
 def main(model_dir: str, out_dir: str) -> int:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental in TRL 1.16
     from transformers import AutoTokenizer
@@ -160,7 +121,7 @@ def main(model_dir: str, out_dir: str) -> int:
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    samples = make_samples(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    samples = fixed_batch.make_samples(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
     summary = {"rank": rank, "world_size": world_size, "checks": {}}
     tensors = {"rollout": {}, "samples": samples}
     checks = summary["checks"]
@@ -178,7 +139,7 @@ def main(model_dir: str, out_dir: str) -> int:
         result = run_rollout(trainer, layout, rank, world_size)
         tensors["rollout"][layout_name] = result
         for key in ("advantages", "returns", "old_values"):
-            check(checks, f"{key}/{layout_name}", result[key], reference[key])
+            check(checks, f"{key}/{layout_name}", result[key], reference[key], ATOL)
     del trainer
 
     # 2. Training: 2 optimizer steps; every trainable parameter afterwards.
@@ -190,16 +151,7 @@ def main(model_dir: str, out_dir: str) -> int:
     summary["log_history"] = trainer.state.log_history
     summary["num_critic_params"] = len(trainer._critic_params)
 
-    summary["failures"] = sorted(name for name, result in checks.items() if not result["ok"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(tensors, out_dir / f"rank{rank}.pt")
-    (out_dir / f"rank{rank}.json").write_text(json.dumps(summary, indent=2))
-    for name in summary["failures"]:
-        print(f"[rank {rank}] MISMATCH {name}: {checks[name]}", file=sys.stderr)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    return 1 if summary["failures"] else 0
+    return fixed_batch.finish(out_dir, rank, summary, tensors)
 
 
 if __name__ == "__main__":

@@ -30,21 +30,28 @@ Writes OUT_DIR/rank{R}.json (summary, every check with its error) and OUT_DIR/ra
 check fails.
 """
 
-import json
 import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from fixed_batch import (
+    COMPLETION_LENGTHS,
+    MAX_COMPLETION_LENGTH,
+    NUM_SAMPLES,
+    PROMPT_LENGTH,
+    REWARDS,
+    check,
+    finish,
+    fixed_reward,
+    make_dataset,
+    make_rollout_func,
+    make_samples,
+)
 
-# 3 groups of NUM_GENERATIONS samples; sample s is in group s // NUM_GENERATIONS.
+# The 12 samples of `fixed_batch` in 3 groups of NUM_GENERATIONS; sample s is in group s // NUM_GENERATIONS.
 NUM_GENERATIONS = 4
-COMPLETION_LENGTHS = [1, 2, 3, 2, 5, 3, 8, 4, 7, 6, 8, 5]  # valid tokens of each sample, eos included
-REWARDS = [1.0, 0.0, 0.0, 1.0, 0.5, 2.0, -1.0, 0.0, 1.0, 1.0, 1.0, 3.0]
-NUM_SAMPLES = len(COMPLETION_LENGTHS)
-MAX_COMPLETION_LENGTH = max(COMPLETION_LENGTHS)
-PROMPT_LENGTH = 4  # every prompt has the same length: no left padding, so a row's log-probs do not depend on its batch
 BETA = 0.1
 REF_NOISE = 0.05  # the reference model is the policy plus this much noise, so that KL != 0
 # Two orders of the same samples (groups stay contiguous). With 2 processes of 6 rows, "groups_in_order" puts 16
@@ -73,42 +80,6 @@ EXPECTED_LOSS_PATH = {
 ADVANTAGE_ATOL = 1e-5
 GRAD_ATOL = 1e-6  # gradient entries are ~1e-2
 GRAD_RTOL = 1e-4
-
-
-def make_samples(vocab_size: int, eos_token_id: int, pad_token_id: int) -> dict[str, torch.Tensor]:
-    """The fixed global batch, by sample id: prompts `(12, 4)`, completions and mask `(12, 8)` right-padded."""
-    generator = torch.Generator().manual_seed(1234)
-    first_token = max(eos_token_id, pad_token_id) + 2  # skip the special tokens
-    prompt_ids = torch.randint(first_token, vocab_size, (NUM_SAMPLES, PROMPT_LENGTH), generator=generator)
-    completion_ids = torch.randint(first_token, vocab_size, (NUM_SAMPLES, MAX_COMPLETION_LENGTH), generator=generator)
-    lengths = torch.tensor(COMPLETION_LENGTHS)
-    completion_mask = (torch.arange(MAX_COMPLETION_LENGTH) < lengths.unsqueeze(1)).long()
-    completion_ids[torch.arange(NUM_SAMPLES), lengths - 1] = eos_token_id  # each completion ends with eos
-    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_token_id)
-    return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "completion_mask": completion_mask}
-
-
-def sample_of(prompt: str) -> int:
-    return int(prompt.removeprefix("sample "))
-
-
-def make_rollout_func(samples):
-    """A TRL `rollout_func` that returns each sample's fixed prompt and completion instead of generating."""
-
-    def rollout_func(prompts, trainer):
-        ids = [sample_of(prompt) for prompt in prompts]
-        return {
-            "prompt_ids": [samples["prompt_ids"][s].tolist() for s in ids],
-            "completion_ids": [samples["completion_ids"][s, : COMPLETION_LENGTHS[s]].tolist() for s in ids],
-            "logprobs": None,
-        }
-
-    return rollout_func
-
-
-def fixed_reward(completions, sample, **kwargs):
-    """The sample's fixed reward; `sample` is a dataset column, which TRL passes to reward functions."""
-    return [REWARDS[s] for s in sample]
 
 
 def completion_log_probs(model, samples) -> torch.Tensor:
@@ -159,21 +130,7 @@ def flat_grad(model) -> torch.Tensor:
     )
 
 
-def check(checks: dict, name: str, actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float = 0.0):
-    error = (actual - expected).abs()
-    allowed = atol + rtol * expected.abs()
-    checks[name] = {
-        "max_abs_err": error.max().item(),
-        "max_abs_expected": expected.abs().max().item(),
-        "atol": atol,
-        "rtol": rtol,
-        "ok": bool((error <= allowed).all()) and actual.shape == expected.shape,
-    }
-
-
 def build_trainer(config_name: str, model_dir: str, out_dir: Path, samples):
-    from datasets import Dataset
-
     from trl_plus import GRPOConfig, GRPOTrainer
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -191,13 +148,11 @@ def build_trainer(config_name: str, model_dir: str, out_dir: Path, samples):
         seed=0,
         **CONFIGS[config_name],
     )
-    sample_ids = list(range(NUM_SAMPLES))
-    dataset = Dataset.from_dict({"prompt": [f"sample {s}" for s in sample_ids], "sample": sample_ids})
     trainer = GRPOTrainer(
         model_dir,
         reward_funcs=fixed_reward,
         args=args,
-        train_dataset=dataset,
+        train_dataset=make_dataset(),
         rollout_func=make_rollout_func(samples),
     )
     trainer.model.train()  # "train" mode, as in `trainer.train()`
@@ -331,16 +286,7 @@ def main(model_dir: str, out_dir: str) -> int:
     if world_size > 1:
         check_masked_whiten_all_reduce(checks, rank, world_size)
 
-    summary["failures"] = sorted(name for name, result in checks.items() if not result["ok"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(tensors, out_dir / f"rank{rank}.pt")
-    (out_dir / f"rank{rank}.json").write_text(json.dumps(summary, indent=2))
-    for name in summary["failures"]:
-        print(f"[rank {rank}] MISMATCH {name}: {checks[name]}", file=sys.stderr)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    return 1 if summary["failures"] else 0
+    return finish(out_dir, rank, summary, tensors)
 
 
 if __name__ == "__main__":

@@ -210,6 +210,14 @@ class PPOConfig(GRPOConfig):
         if self.beta == 0.0:  # no KL: where it would go and how it would be estimated do not apply
             self.kl_in_reward, self.kl_estimator = False, "k3"
         self._validate_ppo()
+        if self.length_adaptive_alpha is not None and self.max_completion_length * self.length_adaptive_alpha <= 1:
+            logger.warning(
+                f"length_adaptive_alpha={self.length_adaptive_alpha} with max_completion_length="
+                f"{self.max_completion_length}: lambda_policy = 1 - 1 / (alpha * length) is <= 0 for every "
+                "completion, so the policy gets one-step TD advantages that rest entirely on the critic. The formula "
+                "is meant for completions longer than 1 / alpha tokens; for short ones set length_adaptive_alpha=None "
+                "(lambda_policy = lam)."
+            )
         single_sample = self.num_generations == 1
         if single_sample:
             self.num_generations = _GroupSizeForTRLCheck(1)
