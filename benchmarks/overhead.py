@@ -36,7 +36,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from fresh_process import PeakMemory, fork_server_context, quiet_run, run_in_fresh_process
+from fresh_process import PeakMemory, fork_server_context, quiet_run, run_in_fresh_process, steady_environment
 from transformers import TrainerCallback
 
 # Modules the fork server imports once; every run is a fork of it.
@@ -265,19 +265,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    # Set before the fork server imports anything. TRL's trainer sends telemetry from a network thread during the
-    # run, and the tokenizers' thread pool gives each run a different malloc-arena layout: both make step time and
-    # peak RSS vary between identical runs. Nothing is downloaded.
-    # A fixed mmap threshold turns off glibc's adaptive one, so freed tensor buffers go back to the OS and the peak
-    # RSS follows live memory rather than heap layout (runs of one configuration then agree within 0.2 MiB).
-    os.environ.update(
-        HF_HUB_DISABLE_TELEMETRY="1",
-        HF_HUB_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        MALLOC_MMAP_THRESHOLD_="131072",
-    )
-    if args.device == "cpu":
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    steady_environment(args.device, args.threads)
     pairs = [pair for pair in PAIRS if args.only is None or pair.name in args.only]
     # A fork server that imported the heavy modules once: each run is a cheap fork, still a fresh process.
     context = fork_server_context(HEAVY_MODULES)

@@ -34,7 +34,7 @@ import statistics
 import tempfile
 import time
 
-from fresh_process import PeakMemory, fork_server_context, quiet_run, run_in_fresh_process
+from fresh_process import PeakMemory, fork_server_context, quiet_run, run_in_fresh_process, steady_environment
 
 HEAVY_MODULES = ["torch", "transformers", "datasets", "peft", "trl", "trl_plus", "trl_plus.trainer.ppo"]
 WARMUP_STEPS = 2
@@ -158,14 +158,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    os.environ.update(
-        HF_HUB_DISABLE_TELEMETRY="1",
-        HF_HUB_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        MALLOC_MMAP_THRESHOLD_="131072",  # freed buffers go back to the OS: peak RSS follows live memory
-    )
-    if args.device == "cpu":
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    steady_environment(args.device, args.threads)
     work_dir = tempfile.mkdtemp(prefix="trl-plus-ppo-memory-")
     options = {**vars(args), "work_dir": work_dir, "model_path": os.path.join(work_dir, "model")}
     context = fork_server_context(HEAVY_MODULES)
