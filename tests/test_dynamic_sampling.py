@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from check_dynamic_sampling import PROMPTS, MicroBatchRecorder, signal_reward
 from conftest import make_config
 from datasets import Dataset, IterableDataset
 from torch.testing import assert_close
@@ -32,14 +33,7 @@ from trl_plus.trainer.grpo import SURPLUS_BUFFER_FILE
 
 NAN = float("nan")
 GROUP_SIZE = 4
-# `+` prompts have a reward signal, `-` prompts never do; 1- and 2-digit operands give prompts of 4 to 6 characters.
-PROMPTS = [f"{a}{op}{b}=" for a in (1, 2, 11, 12) for b in (3, 14) for op in "+-"]
 CHECK_SCRIPT = Path(__file__).parent / "distributed" / "check_dynamic_sampling.py"
-
-
-def signal_reward(prompts, completions, **kwargs):
-    """`+` prompts: sum of character codes mod 5 (varies with the completion); `-` prompts: always 1.0."""
-    return [float(sum(map(ord, c)) % 5) if "+" in p else 1.0 for p, c in zip(prompts, completions, strict=True)]
 
 
 class ConstantReward:
@@ -68,25 +62,19 @@ def clone_rows(rows):
     return [{key: value.detach().cpu().clone() for key, value in row.items()} for row in rows]
 
 
-class RecordingTrainer(GRPOTrainer):
+class RecordingTrainer(MicroBatchRecorder):
     """Records, per generation step, the batch dynamic sampling hands to TRL, its metrics, the surplus buffer left
     for the next step and the sampling policy's log-probs of both; and the row count of every micro-batch trained."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.steps = []
-        self.micro_batch_rows = []
-        self.micro_batch_losses = []
 
     def _generate_and_score_completions(self, inputs):
         batch = super()._generate_and_score_completions(inputs)
         if not self.model.training:
             return batch
-        metrics = {
-            name.removeprefix("dynamic_sampling/"): values[-1]
-            for name, values in self._metrics["train"].items()
-            if name.startswith("dynamic_sampling/")
-        }
+        metrics = self.latest_dynamic_sampling_metrics()
         buffer = clone_rows(self._surplus.rows)
         # The model has not been updated yet: this is the policy that sampled this step's rows.
         buffer_log_probs = policy_log_probs(self.model, stack_rows(buffer, self._pad_values)) if buffer else None
@@ -102,12 +90,6 @@ class RecordingTrainer(GRPOTrainer):
             }
         )
         return batch
-
-    def _compute_loss(self, model, inputs):
-        loss = super()._compute_loss(model, inputs)
-        self.micro_batch_rows.append(inputs["completion_ids"].size(0))
-        self.micro_batch_losses.append(loss.item())
-        return loss
 
 
 def decode_rows(tokenizer, batch):

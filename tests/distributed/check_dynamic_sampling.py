@@ -26,6 +26,7 @@ from datasets import Dataset
 
 from trl_plus import GRPOConfig, GRPOTrainer
 
+# `+` prompts have a reward signal, `-` prompts never do; 1- and 2-digit operands give prompts of 4 to 6 characters.
 PROMPTS = [f"{a}{op}{b}=" for a in (1, 2, 11, 12) for b in (3, 14) for op in "+-"]
 
 
@@ -38,12 +39,32 @@ def constant_reward(prompts, completions, **kwargs):
     return [1.0] * len(completions)
 
 
-class RecordingTrainer(GRPOTrainer):
+class MicroBatchRecorder(GRPOTrainer):
+    """Records the row count and loss of every micro-batch trained; `tests/test_dynamic_sampling.py` builds on it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.micro_batch_rows = []
+        self.micro_batch_losses = []
+
+    def latest_dynamic_sampling_metrics(self) -> dict:
+        return {
+            name.removeprefix("dynamic_sampling/"): values[-1]
+            for name, values in self._metrics["train"].items()
+            if name.startswith("dynamic_sampling/")
+        }
+
+    def _compute_loss(self, model, inputs):
+        loss = super()._compute_loss(model, inputs)
+        self.micro_batch_rows.append(inputs["completion_ids"].size(0))
+        self.micro_batch_losses.append(loss.item())
+        return loss
+
+
+class RecordingTrainer(MicroBatchRecorder):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.records = []
-        self.micro_batch_rows = []
-        self.micro_batch_losses = []
 
     def _generate_and_score_completions(self, inputs):
         batch = super()._generate_and_score_completions(inputs)
@@ -65,21 +86,11 @@ class RecordingTrainer(GRPOTrainer):
                 "shapes": {key: list(value.shape) for key, value in batch.items() if value.dim() > 0},
                 "num_items_in_batch": batch["num_items_in_batch"].item(),
                 "global_loss_tokens": self.accelerator.gather(batch["completion_mask"].sum()).sum().item(),
-                "metrics": {
-                    name.removeprefix("dynamic_sampling/"): values[-1]
-                    for name, values in self._metrics["train"].items()
-                    if name.startswith("dynamic_sampling/")
-                },
+                "metrics": self.latest_dynamic_sampling_metrics(),
                 "global_rows": gather_object(rows),
             }
         )
         return batch
-
-    def _compute_loss(self, model, inputs):
-        loss = super()._compute_loss(model, inputs)
-        self.micro_batch_rows.append(inputs["completion_ids"].size(0))
-        self.micro_batch_losses.append(loss.item())
-        return loss
 
 
 def run(model, output_dir, reward, **overrides):
