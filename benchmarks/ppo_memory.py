@@ -49,33 +49,14 @@ def digit_reward(completions, **kwargs):
 
 def build_model(options: dict) -> None:
     """Save the benchmark model and its character tokenizer to `options["model_path"]` (no download)."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from trl_plus.tiny import save_tiny_model
 
-    from trl_plus.tiny import build_char_tokenizer
-
-    tokenizer = build_char_tokenizer()
     if options["model"] == "0.5b":  # Qwen2.5-0.5B's shape (its 151k vocabulary aside: the tokenizer has 48 tokens)
-        shape = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14)
-        shape.update(num_key_value_heads=2, max_position_embeddings=4096)
+        shape = dict(hidden_size=896, num_layers=24, intermediate_size=4864, num_attention_heads=14)
+        shape.update(max_position_embeddings=4096)
     else:
-        hidden = options["hidden_size"]
-        shape = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=options["num_layers"])
-        shape.update(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        **shape,
-    )
-    model = Qwen2ForCausalLM(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(options["model_path"])
-    tokenizer.save_pretrained(options["model_path"])
+        shape = dict(hidden_size=options["hidden_size"], num_layers=options["num_layers"], max_position_embeddings=512)
+    save_tiny_model(options["model_path"], **shape)
 
 
 def run_once(name: str, options: dict) -> dict:

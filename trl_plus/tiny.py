@@ -24,24 +24,34 @@ def build_char_tokenizer(alphabet: str = DEFAULT_ALPHABET) -> PreTrainedTokenize
 
 
 def build_tiny_model(
-    tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, num_layers: int = 2, seed: int = 0
+    tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, num_layers: int = 2, seed: int = 0, **config_overrides
 ) -> Qwen2ForCausalLM:
-    """A randomly initialized Qwen2 causal LM sized for a CPU, with eos and pad set for generation."""
+    """A randomly initialized Qwen2 causal LM sized for a CPU, with eos and pad set for generation.
+
+    `config_overrides` replace `Qwen2Config` fields of the small default shape (e.g. `num_attention_heads=14` for a
+    real model's shape).
+
+    >>> build_tiny_model(build_char_tokenizer(), max_position_embeddings=512).config.max_position_embeddings
+    512
+    """
     import torch
 
     torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
+    shape = dict(
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
+    )
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
         tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
+        **{**shape, **config_overrides},
     )
     model = Qwen2ForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
