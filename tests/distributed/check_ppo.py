@@ -114,14 +114,8 @@ def run_rollout(trainer, layout: list[int], rank: int, world_size: int) -> dict[
 
 
 def main(model_dir: str, out_dir: str) -> int:
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental in TRL 1.16
-    from transformers import AutoTokenizer
-
     out_dir = Path(out_dir)
-    rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    samples = fixed_batch.make_samples(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    rank, world_size, samples = fixed_batch.start(model_dir)
     summary = {"rank": rank, "world_size": world_size, "checks": {}}
     tensors = {"rollout": {}, "samples": samples}
     checks = summary["checks"]

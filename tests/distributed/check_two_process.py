@@ -47,7 +47,7 @@ from fixed_batch import (
     fixed_reward,
     make_dataset,
     make_rollout_func,
-    make_samples,
+    start,
 )
 
 # The 12 samples of `fixed_batch` in 3 groups of NUM_GENERATIONS; sample s is in group s // NUM_GENERATIONS.
@@ -228,15 +228,8 @@ def check_masked_whiten_all_reduce(checks: dict, rank: int, world_size: int) -> 
 
 
 def main(model_dir: str, out_dir: str) -> int:
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental in TRL 1.16
     out_dir = Path(out_dir)
-    rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    samples = make_samples(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
-
+    rank, world_size, samples = start(model_dir)
     summary = {"rank": rank, "world_size": world_size, "configs": {}, "checks": {}}
     tensors = {"samples": samples, "results": {}, "reference": {}}
     checks = summary["checks"]

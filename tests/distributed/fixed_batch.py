@@ -6,6 +6,7 @@ process holds. Every prompt has the same length: no left padding, so a row's log
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,16 @@ REWARDS = [1.0, 0.0, 0.0, 1.0, 0.5, 2.0, -1.0, 0.0, 1.0, 1.0, 1.0, 3.0]
 NUM_SAMPLES = len(COMPLETION_LENGTHS)
 MAX_COMPLETION_LENGTH = max(COMPLETION_LENGTHS)
 PROMPT_LENGTH = 4
+
+
+def start(model_dir: str) -> tuple[int, int, dict[str, torch.Tensor]]:
+    """(rank, world size) from torchrun's environment, and the fixed batch in the tokens of `model_dir`'s tokenizer."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental in TRL 1.16
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    samples = make_samples(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), samples
 
 
 def make_samples(vocab_size: int, eos_token_id: int, pad_token_id: int) -> dict[str, torch.Tensor]:
