@@ -92,6 +92,13 @@ class RecordingTrainer(MicroBatchRecorder):
         return batch
 
 
+def on_prompts(model, args, reward=signal_reward, trainer_class=RecordingTrainer):
+    """`trainer_class` trained on PROMPTS, rewarded by `reward`."""
+    return trainer_class(
+        model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_dict({"prompt": PROMPTS})
+    )
+
+
 def decode_rows(tokenizer, batch):
     """`(prompt, completion)` texts of every row, decoded the way TRL decodes the completions it scores."""
     prompts = tokenizer.batch_decode(batch["prompt_ids"], skip_special_tokens=True)
@@ -345,12 +352,7 @@ def trained(tiny_model_path, tmp_path_factory):
     args = ds_config(output_dir, max_steps=NUM_STEPS, save_strategy="steps", save_steps=1)
     assert args.steps_per_generation == 2 and args.generation_batch_size == 16
     assert not args.has_old_log_probs  # on-policy: the trainer itself must give buffered rows their old log-probs
-    trainer = RecordingTrainer(
-        model=tiny_model_path,
-        reward_funcs=signal_reward,
-        args=args,
-        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
-    )
+    trainer = on_prompts(tiny_model_path, args)
     trainer.train()
     assert len(trainer.steps) == NUM_STEPS
     return trainer, output_dir
@@ -501,12 +503,7 @@ def test_load_optimizer_and_scheduler_restores_the_buffer(trained, tiny_model_pa
     trainer, output_dir = trained
     index, checkpoint = _checkpoint_with_surplus(trainer, output_dir)
     saved = trainer.steps[index]["buffer"]
-    fresh = GRPOTrainer(
-        model=tiny_model_path,
-        reward_funcs=signal_reward,
-        args=ds_config(tmp_path, max_steps=NUM_STEPS),
-        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
-    )
+    fresh = on_prompts(tiny_model_path, ds_config(tmp_path, max_steps=NUM_STEPS), trainer_class=GRPOTrainer)
     fresh.create_optimizer_and_scheduler(num_training_steps=NUM_STEPS)
     assert fresh._surplus.num_groups == 0
     fresh._load_optimizer_and_scheduler(checkpoint)
@@ -518,12 +515,7 @@ def test_resume_trains_the_restored_buffer_first(trained, tiny_model_path, tmp_p
     trainer, output_dir = trained
     index, checkpoint = _checkpoint_with_surplus(trainer, output_dir)
     saved = trainer.steps[index]["buffer"]
-    resumed = RecordingTrainer(
-        model=tiny_model_path,
-        reward_funcs=signal_reward,
-        args=ds_config(tmp_path, max_steps=index + 2),  # one step past the checkpoint
-        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
-    )
+    resumed = on_prompts(tiny_model_path, ds_config(tmp_path, max_steps=index + 2))  # one step past the checkpoint
     resumed.train(resume_from_checkpoint=checkpoint)
     assert len(resumed.steps) == 1
     step = resumed.steps[0]
@@ -539,12 +531,7 @@ def test_other_estimators_see_the_filtered_batch(estimator, tiny_model_path, tmp
     """Group estimators run per round (on whole groups); REINFORCE++-baseline's global whitening runs on the batch
     that is trained, after filtering and buffering, so its statistics are those of the trained tokens."""
     args = ds_config(tmp_path, max_steps=2, advantage_estimator=estimator)
-    trainer = RecordingTrainer(
-        model=tiny_model_path,
-        reward_funcs=signal_reward,
-        args=args,
-        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
-    )
+    trainer = on_prompts(tiny_model_path, args)
     trainer.train()
     assert sum(step["metrics"]["rounds"] for step in trainer.steps) > len(trainer.steps)  # filtering happened
     for step in trainer.steps:
@@ -571,12 +558,7 @@ def test_other_estimators_see_the_filtered_batch(estimator, tiny_model_path, tmp
 
 def test_exhaustion_trains_nothing_with_every_group_masked(tiny_model_path, tmp_path, caplog):
     reward = ConstantReward()
-    trainer = RecordingTrainer(
-        model=tiny_model_path,
-        reward_funcs=reward,
-        args=ds_config(tmp_path, max_steps=1, max_num_gen_batches=2),
-        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
-    )
+    trainer = on_prompts(tiny_model_path, ds_config(tmp_path, max_steps=1, max_num_gen_batches=2), reward=reward)
     weights_before = {name: value.detach().clone() for name, value in trainer.model.named_parameters()}
     with caplog.at_level(logging.WARNING, logger="trl_plus"):
         trainer.train()
@@ -606,12 +588,7 @@ def test_exhaustion_masks_only_the_missing_groups(tiny_model_path, tmp_path):
         tmp_path, max_steps=4, max_num_gen_batches=1, gradient_accumulation_steps=1, steps_per_generation=2
     )
     assert args.has_old_log_probs and args.generation_batch_size == 16
-    trainer = RecordingTrainer(
-        model=tiny_model_path,
-        reward_funcs=signal_reward,
-        args=args,
-        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
-    )
+    trainer = on_prompts(tiny_model_path, args)
     trainer.train()
     assert len(trainer.steps) == 2  # 4 optimizer steps, 2 micro-batches per generation
     partly_masked = 0
@@ -638,11 +615,11 @@ def test_exhaustion_masks_only_the_missing_groups(tiny_model_path, tmp_path):
 
 def test_exhaustion_raises_when_strict(tiny_model_path, tmp_path):
     reward = ConstantReward()
-    trainer = GRPOTrainer(
-        model=tiny_model_path,
-        reward_funcs=reward,
-        args=ds_config(tmp_path, max_steps=1, max_num_gen_batches=2, dynamic_sampling_strict=True),
-        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+    trainer = on_prompts(
+        tiny_model_path,
+        ds_config(tmp_path, max_steps=1, max_num_gen_batches=2, dynamic_sampling_strict=True),
+        reward=reward,
+        trainer_class=GRPOTrainer,
     )
     with pytest.raises(RuntimeError, match="max_num_gen_batches"):
         trainer.train()
