@@ -759,13 +759,11 @@ def test_token_covariance_golden():
     assert_close(cov, expected)
 
 
-def test_clip_cov_golden():
-    """lb = 0.4, ub = 1.0: cov in (0.4, 1.0) for (0,0) = 0.88, (0,1) = 0.48 and padding (1,2) = 0.72.
-    (0,1) is PPO-clipped (A = 1, r = e^0.5 = 1.648721 > 1.28) and (1,2) is padding, so (0,0) is the only candidate.
-    max(1, int(0.4 * 5)) = 2 > 1 candidate -> exactly (0,0) is detached."""
+def _clip_cov_on_cov_batch(clip_cov_lb, clip_cov_ub, **kwargs):
+    """clip_cov_loss on the covariance batch, token (0,1) off-policy (log r = 0.5), eps 0.2 / 0.28, ratio 0.4."""
     log_prob = _cov_log_prob(-2.2)
     old = log_prob - torch.tensor([[0.0, 0.5, 0.0], [0.0, 0.0, 0.0]])
-    loss, grad, metrics = _loss_and_grad(
+    return _loss_and_grad(
         clip_cov_loss,
         log_prob,
         old,
@@ -774,10 +772,17 @@ def test_clip_cov_golden():
         eps_low=0.2,
         eps_high=0.28,
         clip_cov_ratio=0.4,
-        clip_cov_lb=0.4,
-        clip_cov_ub=1.0,
-        generator=torch.Generator().manual_seed(0),
+        clip_cov_lb=clip_cov_lb,
+        clip_cov_ub=clip_cov_ub,
+        **kwargs,
     )
+
+
+def test_clip_cov_golden():
+    """lb = 0.4, ub = 1.0: cov in (0.4, 1.0) for (0,0) = 0.88, (0,1) = 0.48 and padding (1,2) = 0.72.
+    (0,1) is PPO-clipped (A = 1, r = e^0.5 = 1.648721 > 1.28) and (1,2) is padding, so (0,0) is the only candidate.
+    max(1, int(0.4 * 5)) = 2 > 1 candidate -> exactly (0,0) is detached."""
+    loss, grad, metrics = _clip_cov_on_cov_batch(0.4, 1.0, generator=torch.Generator().manual_seed(0))
     # r = 1 elsewhere: -A r = -1 on row 0, 1 on row 1; (0,1): -min(1.648721, 1.28) = -1.28; (0,0) detached -> 0.
     assert_close(loss, torch.tensor([[0.0, -1.28, -1.0], [1.0, 1.0, 1.0]]))
     # gradient -A r; 0 on the detached token and on the PPO-clipped one
@@ -787,20 +792,7 @@ def test_clip_cov_golden():
 
 
 def test_clip_cov_no_eligible_token_detaches_nothing():
-    log_prob = _cov_log_prob(-2.2)
-    old = log_prob - torch.tensor([[0.0, 0.5, 0.0], [0.0, 0.0, 0.0]])
-    loss, grad, metrics = _loss_and_grad(
-        clip_cov_loss,
-        log_prob,
-        old,
-        COV_ADVANTAGES,
-        COV_MASK,
-        eps_low=0.2,
-        eps_high=0.28,
-        clip_cov_ratio=0.4,
-        clip_cov_lb=2.0,  # every cov is below 2 (max 1.68)
-        clip_cov_ub=5.0,
-    )
+    loss, grad, metrics = _clip_cov_on_cov_batch(2.0, 5.0)  # every cov is below lb = 2 (max 1.68)
     # plain clipped PPO: -1 (r = 1, A = 1), -1.28 (clipped), -1; row 1: A = -1, r = 1 -> 1
     assert_close(loss, torch.tensor([[-1.0, -1.28, -1.0], [1.0, 1.0, 1.0]]))
     assert_close(grad, torch.tensor([[-1.0, 0.0, -1.0], [1.0, 1.0, 1.0]]))
