@@ -1,8 +1,13 @@
+import json
 import os
 import signal
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
 from datasets import Dataset
 
 from trl_plus.tiny import save_tiny_model
@@ -60,3 +65,36 @@ def run_isolated(command: list[str], timeout_s: float) -> tuple[int, str]:
         output, _ = process.communicate()
         pytest.fail(f"{command} ran over {timeout_s} s:\n{output[-5000:]}")
     return process.returncode, output
+
+
+requires_gloo = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
+)
+
+
+def run_one_and_two_processes(script: Path, model_path: str, root: Path, timeout_s: float = 300) -> dict:
+    """Run a `tests/distributed` check script with `python` and with `torchrun --nproc_per_node 2`, on CPU.
+
+    Each run must exit 0 and each of its ranks must have written `rank{R}.json` and `rank{R}.pt` (see
+    `fixed_batch.finish`). Returns {"single": [(summary, tensors)], "two": [rank 0's, rank 1's]}.
+    """
+    commands = {
+        "single": [sys.executable, str(script), model_path, str(root / "single")],
+        "two": [
+            *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"),
+            "--standalone",  # rendezvous on a free port the OS picks
+            *(str(script), model_path, str(root / "two")),
+        ],
+    }
+    results = {}
+    for name, command in commands.items():
+        returncode, output = run_isolated(command, timeout_s)
+        assert returncode == 0, f"{name} run exited {returncode}:\n{output[-8000:]}"
+        out_dir, num_ranks = root / name, 1 if name == "single" else 2
+        missing = [rank for rank in range(num_ranks) if not (out_dir / f"rank{rank}.json").exists()]
+        assert not missing, f"{name} run: ranks {missing} wrote no results:\n{output[-8000:]}"
+        results[name] = [
+            (json.loads((out_dir / f"rank{r}.json").read_text()), torch.load(out_dir / f"rank{r}.pt"))
+            for r in range(num_ranks)
+        ]
+    return results

@@ -9,69 +9,25 @@ checks itself against the definitions (REINFORCE++ whitening over the global bat
 count); the tests below also compare the runs with each other.
 """
 
-import importlib.util
-import json
-import sys
 from pathlib import Path
 
+import check_two_process as script  # for its constants: CONFIGS, LAYOUTS
 import pytest
 import torch
-import torch.distributed as dist
-from conftest import run_isolated
+from conftest import requires_gloo, run_one_and_two_processes
 from torch.testing import assert_close
 
 SCRIPT = Path(__file__).parent / "distributed" / "check_two_process.py"
-TIMEOUT_S = 300
 ADVANTAGE_ATOL = 1e-5
 GRAD_ATOL, GRAD_RTOL = 1e-6, 1e-4  # gradient entries are up to ~0.2; observed differences ~1e-7
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
-)
-
-
-def _load_script_module():
-    spec = importlib.util.spec_from_file_location("check_two_process", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-script = _load_script_module()  # for its constants: CONFIGS, LAYOUTS
-
-
-def _load(out_dir: Path, rank: int) -> tuple[dict, dict]:
-    summary = json.loads((out_dir / f"rank{rank}.json").read_text())
-    return summary, torch.load(out_dir / f"rank{rank}.pt")
+pytestmark = requires_gloo
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_path, tmp_path_factory):
     """{"single": [rank 0], "two": [rank 0, rank 1]}, each (summary, tensors); both runs must exit 0."""
-    root = tmp_path_factory.mktemp("distributed")
-    commands = {
-        "single": [sys.executable, str(SCRIPT), tiny_model_path, str(root / "single")],
-        "two": [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",  # rendezvous on a free port the OS picks
-            "--nproc_per_node",
-            "2",
-            str(SCRIPT),
-            tiny_model_path,
-            str(root / "two"),
-        ],
-    }
-    results = {}
-    for name, command in commands.items():
-        returncode, output = run_isolated(command, TIMEOUT_S)
-        assert returncode == 0, f"{name} run exited {returncode}:\n{output[-8000:]}"
-        num_ranks = 1 if name == "single" else 2
-        missing = [rank for rank in range(num_ranks) if not (root / name / f"rank{rank}.json").exists()]
-        assert not missing, f"{name} run: ranks {missing} wrote no results:\n{output[-8000:]}"
-        results[name] = [_load(root / name, rank) for rank in range(num_ranks)]
-    return results
+    return run_one_and_two_processes(SCRIPT, tiny_model_path, tmp_path_factory.mktemp("distributed"))
 
 
 def test_two_processes_really_ran(runs):

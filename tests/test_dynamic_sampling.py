@@ -13,17 +13,13 @@ A two-process run (`torchrun --nproc_per_node 2`, gloo on CPU) is launched from 
 import json
 import logging
 import math
-import os
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from check_dynamic_sampling import PROMPTS, MicroBatchRecorder, signal_reward
-from conftest import make_config
+from conftest import make_config, run_isolated
 from datasets import Dataset, IterableDataset
 from torch.testing import assert_close
 
@@ -633,46 +629,13 @@ def test_exhaustion_raises_when_strict(tiny_model_path, tmp_path):
 TIMEOUT_S = 240  # a normal run takes ~20 s on 2 CPU cores; running past this means a deadlock
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _stop(launcher, out):
-    """Stop a hung launch: torchrun on SIGTERM stops its workers; then kill the workers it leaves, by their pid."""
-    launcher.terminate()
-    try:
-        launcher.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        launcher.kill()
-        launcher.wait()
-    for pid_file in out.glob("pid*"):
-        pid = int(pid_file.read_text())
-        try:
-            if CHECK_SCRIPT.name in Path(f"/proc/{pid}/cmdline").read_text():
-                os.kill(pid, signal.SIGKILL)
-        except (FileNotFoundError, ProcessLookupError):
-            pass  # already gone
-
-
 @pytest.fixture(scope="module")
 def two_process_run(tiny_model_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("dynamic-sampling-2proc")
-    port = str(_free_port())
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command += [str(CHECK_SCRIPT), "--model", tiny_model_path, "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    log_path = out / "launch.log"
-    with open(log_path, "w") as log:  # a file, not a pipe: a worker left behind cannot block the read
-        launcher = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            launcher.wait(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            _stop(launcher, out)
-            tail = log_path.read_text()[-6000:]
-            pytest.fail(f"2-process dynamic sampling did not finish in {TIMEOUT_S} s (deadlock?)\n{tail}")
-    assert launcher.returncode == 0, log_path.read_text()[-6000:]
+    returncode, output = run_isolated(command, TIMEOUT_S)
+    assert returncode == 0, output[-6000:]
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
 
 

@@ -20,9 +20,8 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-import torch.distributed as dist
 import transformers
-from conftest import make_config, run_isolated
+from conftest import make_config, requires_gloo, run_one_and_two_processes
 from datasets import Dataset
 from peft import LoraConfig
 from torch.testing import assert_close
@@ -760,36 +759,13 @@ def test_reward_model_object_as_the_critic(tiny_model_path, dataset, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ 2 processes
 
-TIMEOUT_S = 300
-
-pytest_distributed = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
-)
-
 
 @pytest.fixture(scope="module")
 def ppo_runs(tiny_model_path, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ppo-distributed")
-    commands = {
-        "single": [sys.executable, str(CHECK_SCRIPT), tiny_model_path, str(root / "single")],
-        "two": [
-            *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"),
-            *(str(CHECK_SCRIPT), tiny_model_path, str(root / "two")),
-        ],
-    }
-    results = {}
-    for name, command in commands.items():
-        returncode, output = run_isolated(command, TIMEOUT_S)
-        assert returncode == 0, f"{name} run exited {returncode}:\n{output[-8000:]}"
-        ranks = range(1 if name == "single" else 2)
-        results[name] = [
-            (json.loads((root / name / f"rank{r}.json").read_text()), torch.load(root / name / f"rank{r}.pt"))
-            for r in ranks
-        ]
-    return results
+    return run_one_and_two_processes(CHECK_SCRIPT, tiny_model_path, tmp_path_factory.mktemp("ppo-distributed"))
 
 
-@pytest_distributed
+@requires_gloo
 def test_two_process_ppo_whitens_globally_and_trains_like_one_process(ppo_runs):
     ((single, single_tensors),) = ppo_runs["single"]
     assert single["num_processes"] == 1

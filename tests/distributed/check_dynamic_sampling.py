@@ -12,8 +12,7 @@ completion, reward, masked), re-scored from the decoded text. Three runs, one af
 - `exhausted`: every reward is 1.0 and max_num_gen_batches=2: one step on a fully masked batch.
 - `strict`: the same with dynamic_sampling_strict=True: every process must raise RuntimeError (none may hang).
 
-An exception other than that RuntimeError fails the launch (non-zero exit code). Each process also writes its pid to
-`DIR/pid{RANK}`, so that the test can kill a hung worker.
+An exception other than that RuntimeError fails the launch (non-zero exit code).
 """
 
 import argparse
@@ -138,9 +137,6 @@ def main():
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", required=True)
     cli = parser.parse_args()
-    # the launching test kills a hung worker by this pid
-    with open(os.path.join(cli.out, f"pid{os.environ['RANK']}"), "w") as handle:
-        handle.write(str(os.getpid()))
     results = {
         "signal": run(cli.model, os.path.join(cli.out, "signal"), signal_reward),
         "exhausted": run(
