@@ -19,9 +19,9 @@ import argparse
 import json
 import os
 
-import torch
 from accelerate.utils import gather_object
 from datasets import Dataset
+from fixed_batch import exit_process
 
 from trl_plus import GRPOConfig, GRPOTrainer
 
@@ -155,9 +155,8 @@ def main():
     rank = results["signal"]["rank"]
     with open(os.path.join(cli.out, f"rank{rank}.json"), "w") as handle:
         json.dump(results, handle, indent=1)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    exit_process(0)

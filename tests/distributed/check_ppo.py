@@ -149,4 +149,4 @@ def main(model_dir: str, out_dir: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:3]))
+    fixed_batch.exit_process(main(*sys.argv[1:3]))

@@ -43,6 +43,7 @@ from fixed_batch import (
     PROMPT_LENGTH,
     REWARDS,
     check,
+    exit_process,
     finish,
     fixed_reward,
     make_dataset,
@@ -283,4 +284,4 @@ def main(model_dir: str, out_dir: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:3]))
+    exit_process(main(*sys.argv[1:3]))
