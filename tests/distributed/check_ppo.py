@@ -20,7 +20,6 @@ the reward is not 0.
 Writes OUT_DIR/rank{R}.json (summary and checks) and OUT_DIR/rank{R}.pt (tensors); exits 1 if a check fails.
 """
 
-import os
 import sys
 from pathlib import Path
 
@@ -34,20 +33,14 @@ GAMMA, LAM, BETA = 1.0, 0.9, 0.1
 ATOL = 1e-5
 
 
-def build_trainer(model_dir: str, out_dir: Path, samples, max_steps: int = 2):
+def build_trainer(model_dir: str, out_dir: Path, world_size: int, samples, max_steps: int = 2):
     from peft import LoraConfig
 
     from trl_plus.trainer.ppo import PPOConfig, PPOTrainer
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     args = PPOConfig(
-        output_dir=str(out_dir / "trainer"),
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        per_device_train_batch_size=NUM_SAMPLES // world_size,
+        **fixed_batch.config_settings(out_dir, world_size),
         num_generations=1,
-        max_completion_length=MAX_COMPLETION_LENGTH,
         learning_rate=1e-2,
         critic_learning_rate=2e-2,
         beta=BETA,
@@ -56,17 +49,11 @@ def build_trainer(model_dir: str, out_dir: Path, samples, max_steps: int = 2):
         lam=LAM,
         max_steps=max_steps,
         logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
     )
     return PPOTrainer(
         model_dir,
-        reward_funcs=fixed_batch.fixed_reward,
         args=args,
-        train_dataset=fixed_batch.make_dataset(),
-        rollout_func=fixed_batch.make_rollout_func(samples),
+        **fixed_batch.fixed_data(samples),
         peft_config=LoraConfig(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, init_lora_weights=False),
     )
 
@@ -121,7 +108,7 @@ def main(model_dir: str, out_dir: str) -> int:
     checks = summary["checks"]
 
     # 1. Rollout: whitening over the global batch, on two layouts.
-    trainer = build_trainer(model_dir, out_dir, samples)
+    trainer = build_trainer(model_dir, out_dir, world_size, samples)
     trainer.model.train()
     summary["num_processes"] = trainer.accelerator.num_processes
     summary["distributed_type"] = str(trainer.accelerator.distributed_type)
@@ -137,7 +124,7 @@ def main(model_dir: str, out_dir: str) -> int:
     del trainer
 
     # 2. Training: 2 optimizer steps; every trainable parameter afterwards.
-    trainer = build_trainer(model_dir, out_dir, samples)
+    trainer = build_trainer(model_dir, out_dir, world_size, samples)
     model = trainer.model
     tensors["initial"] = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     trainer.train()

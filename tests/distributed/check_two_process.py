@@ -30,7 +30,6 @@ Writes OUT_DIR/rank{R}.json (summary, every check with its error) and OUT_DIR/ra
 check fails.
 """
 
-import os
 import sys
 from pathlib import Path
 
@@ -43,11 +42,10 @@ from fixed_batch import (
     PROMPT_LENGTH,
     REWARDS,
     check,
+    config_settings,
     exit_process,
     finish,
-    fixed_reward,
-    make_dataset,
-    make_rollout_func,
+    fixed_data,
     start,
 )
 
@@ -131,31 +129,11 @@ def flat_grad(model) -> torch.Tensor:
     )
 
 
-def build_trainer(config_name: str, model_dir: str, out_dir: Path, samples):
+def build_trainer(config_name: str, model_dir: str, out_dir: Path, world_size: int, samples):
     from trl_plus import GRPOConfig, GRPOTrainer
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    args = GRPOConfig(
-        output_dir=str(out_dir / "trainer"),
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        per_device_train_batch_size=NUM_SAMPLES // world_size,
-        num_generations=NUM_GENERATIONS,
-        max_completion_length=MAX_COMPLETION_LENGTH,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-        **CONFIGS[config_name],
-    )
-    trainer = GRPOTrainer(
-        model_dir,
-        reward_funcs=fixed_reward,
-        args=args,
-        train_dataset=make_dataset(),
-        rollout_func=make_rollout_func(samples),
-    )
+    args = GRPOConfig(**config_settings(out_dir, world_size), num_generations=NUM_GENERATIONS, **CONFIGS[config_name])
+    trainer = GRPOTrainer(model_dir, args=args, **fixed_data(samples))
     trainer.model.train()  # "train" mode, as in `trainer.train()`
     trainer.current_gradient_accumulation_steps = args.gradient_accumulation_steps  # set by the training loop
     if trainer.beta != 0.0:
@@ -235,7 +213,7 @@ def main(model_dir: str, out_dir: str) -> int:
     tensors = {"samples": samples, "results": {}, "reference": {}}
     checks = summary["checks"]
     for config_name in CONFIGS:
-        trainer = build_trainer(config_name, model_dir, out_dir, samples)
+        trainer = build_trainer(config_name, model_dir, out_dir, world_size, samples)
         accelerator = trainer.accelerator
         summary["num_processes"] = accelerator.num_processes
         summary["process_index"] = accelerator.process_index

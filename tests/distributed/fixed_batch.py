@@ -52,6 +52,27 @@ def make_dataset():
     return Dataset.from_dict({"prompt": [f"sample {s}" for s in sample_ids], "sample": sample_ids})
 
 
+def config_settings(out_dir: Path, world_size: int) -> dict:
+    """Config fields every check shares: CPU in fp32, the fixed batch split evenly over the processes, no saving."""
+    return dict(
+        output_dir=str(out_dir / "trainer"),
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        per_device_train_batch_size=NUM_SAMPLES // world_size,
+        max_completion_length=MAX_COMPLETION_LENGTH,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+
+
+def fixed_data(samples) -> dict:
+    """The trainer arguments that feed it the fixed batch: its rewards, its prompts and a rollout_func returning it."""
+    return dict(reward_funcs=fixed_reward, train_dataset=make_dataset(), rollout_func=make_rollout_func(samples))
+
+
 def make_rollout_func(samples):
     """A TRL `rollout_func` that returns each sample's fixed prompt and completion instead of generating."""
 
