@@ -812,18 +812,9 @@ def test_clip_cov_detaches_exactly_the_budget_among_eligible(seed):
     num_valid = int(lengths.sum())  # 74
     budget = max(1, int(clip_ratio * num_valid))  # int(3.7) = 3
 
+    settings = dict(eps_low=0.2, eps_high=0.28, clip_cov_ratio=clip_ratio, clip_cov_lb=lb, clip_cov_ub=ub)
     loss, grad, metrics = _loss_and_grad(
-        clip_cov_loss,
-        log_prob,
-        old,
-        advantages,
-        mask,
-        eps_low=0.2,
-        eps_high=0.28,
-        clip_cov_ratio=clip_ratio,
-        clip_cov_lb=lb,
-        clip_cov_ub=ub,
-        generator=torch.Generator().manual_seed(seed),
+        clip_cov_loss, log_prob, old, advantages, mask, **settings, generator=torch.Generator().manual_seed(seed)
     )
     # Eligibility from the definition: cov = (logp - mean logp)(A - mean A) over valid tokens, in (lb, ub),
     # valid, and not PPO-clipped.
@@ -848,16 +839,7 @@ def test_clip_cov_detaches_exactly_the_budget_among_eligible(seed):
 
     # Same seed -> same choice.
     _, again = clip_cov_loss(
-        log_prob,
-        old,
-        advantages,
-        mask,
-        eps_low=0.2,
-        eps_high=0.28,
-        clip_cov_ratio=clip_ratio,
-        clip_cov_lb=lb,
-        clip_cov_ub=ub,
-        generator=torch.Generator().manual_seed(seed),
+        log_prob, old, advantages, mask, **settings, generator=torch.Generator().manual_seed(seed)
     )
     assert torch.equal(again["clip_cov/detached_mean"], metrics["clip_cov/detached_mean"])
 

@@ -111,6 +111,13 @@ def completion_log_probs(model, batch) -> torch.Tensor:
     return torch.log_softmax(logits.float(), -1).gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
 
 
+def kl_free_gae(batch, lam) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE (gamma 1) with the score as the last token's reward and no KL: the rollout's (advantages, returns)."""
+    mask = batch["completion_mask"].float()
+    token_rewards = kl_shaped_token_rewards(batch["scores"], torch.zeros_like(mask), mask, 0.0)
+    return gae(token_rewards, batch["old_values"], mask, 1.0, lam)
+
+
 def logged(trainer, key: str) -> list[float]:
     return [entry[key] for entry in trainer.state.log_history if key in entry and "train_runtime" not in entry]
 
@@ -380,10 +387,9 @@ def test_vapo_gae_is_decoupled_and_length_adaptive(tiny_model_path, dataset, tmp
     assert_close(batch["returns"], scores.unsqueeze(1) * mask, atol=1e-6, rtol=0)
     lambdas = length_adaptive_lambda(mask.sum(-1), alpha)
     assert ((lambdas > 0) & (lambdas < 1)).any()
-    token_rewards = kl_shaped_token_rewards(scores, torch.zeros_like(mask), mask, 0.0)
-    advantages, _ = gae(token_rewards, batch["old_values"], mask, 1.0, lambdas)
+    advantages, _ = kl_free_gae(batch, lambdas)
     assert_close(batch["advantages"], advantages, atol=1e-6, rtol=1e-6)
-    single_lambda, _ = gae(token_rewards, batch["old_values"], mask, 1.0, 0.95)
+    single_lambda, _ = kl_free_gae(batch, 0.95)
     assert (single_lambda - advantages).abs().max() > 1e-3  # length-adaptive differs from the plain 0.95
 
 
@@ -395,10 +401,9 @@ def test_value_pretraining_fits_monte_carlo_returns(tiny_model_path, dataset, tm
     assert_close(batch["returns"], batch["scores"].unsqueeze(1) * mask, atol=1e-6, rtol=0)
     trainer.state.global_step = 1  # pretraining is over
     batch = rollout(trainer)
-    mask = batch["completion_mask"].float()
-    token_rewards = kl_shaped_token_rewards(batch["scores"], torch.zeros_like(mask), mask, 0.0)
-    _, returns = gae(token_rewards, batch["old_values"], mask, 1.0, 0.5)
+    _, returns = kl_free_gae(batch, 0.5)
     assert_close(batch["returns"], returns, atol=1e-6, rtol=0)
+    mask = batch["completion_mask"].float()
     assert (returns - batch["scores"].unsqueeze(1) * mask).abs().max() > 1e-3
 
 
