@@ -56,6 +56,11 @@ def test_trl_version():
         ("_prepare_inputs", ["self", "generation_batch"]),
         ("_save_checkpoint", ["self", "model", "trial"]),
         ("_load_optimizer_and_scheduler", ["self", "checkpoint"]),
+        # transformers' Trainer, through TRL: the non-finite step guard wraps these.
+        ("training_step", ["self", "model", "inputs", "num_items_in_batch"]),
+        ("_get_grad_norm", ["self", "model", "grad_norm"]),
+        ("log", ["self", "logs", "start_time"]),
+        ("_save", ["self", "output_dir", "state_dict"]),
     ],
 )
 def test_private_method_signatures(method, parameters):
@@ -183,6 +188,7 @@ def test_attributes_set_in_init(tiny_model_path, prompt_dataset, tmp_path):
     assert trainer._train_batch_size == 4
     assert trainer.shuffle_dataset is True
     assert trainer._name == "GRPO"
+    assert trainer.reward_func_names == ["digit_reward", "length_reward"]  # parallel to `reward_funcs`
     assert callable(trainer._get_dataloader)
 
     trainer_without_kl = _trl_trainer(tiny_model_path, prompt_dataset, tmp_path / "no-kl")
@@ -259,8 +265,9 @@ def test_calculate_rewards_shape_and_unscorable_nan(tiny_model_path, prompt_data
 
 
 def test_hooks_are_called_through_self(tiny_model_path, prompt_dataset, tmp_path):
-    # trl_plus overrides `_calculate_rewards`, `_generate_and_score_completions` and `_compute_loss`; TRL must keep
-    # calling them through `self` (not a module function or a name-mangled copy) for the overrides to take effect.
+    # trl_plus overrides `_calculate_rewards`, `_generate_and_score_completions`, `_compute_loss` and (transformers')
+    # `_get_grad_norm`; TRL and transformers must keep calling them through `self` (not a module function or a
+    # name-mangled copy) for the overrides to take effect.
     calls = collections.Counter()
 
     class Recording(trl.GRPOTrainer):
@@ -276,6 +283,12 @@ def test_hooks_are_called_through_self(tiny_model_path, prompt_dataset, tmp_path
             calls["_compute_loss"] += 1
             return super()._compute_loss(model, inputs)
 
+        def _get_grad_norm(self, model, grad_norm=None):
+            # Once per optimizer step, with the accumulated gradients still on the parameters.
+            assert any(param.grad is not None for param in model.parameters())
+            calls["_get_grad_norm"] += 1
+            return super()._get_grad_norm(model, grad_norm=grad_norm)
+
     trainer = _trl_trainer(
         tiny_model_path,
         prompt_dataset,
@@ -287,7 +300,12 @@ def test_hooks_are_called_through_self(tiny_model_path, prompt_dataset, tmp_path
     )
     trainer.train()
     # 3 optimizer steps of one micro-batch each; a generation batch serves steps_per_generation = 2 micro-batches.
-    assert calls == {"_calculate_rewards": 2, "_generate_and_score_completions": 2, "_compute_loss": 3}
+    assert calls == {
+        "_calculate_rewards": 2,
+        "_generate_and_score_completions": 2,
+        "_compute_loss": 3,
+        "_get_grad_norm": 3,
+    }
 
 
 def test_prepare_inputs_splits_generation_batch(tiny_model_path, prompt_dataset, tmp_path):

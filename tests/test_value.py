@@ -278,6 +278,30 @@ def test_clipped_value_loss_golden_values_and_clipfrac():
     assert_close(clipfrac, torch.tensor(1 / 3))
 
 
+def test_clipfrac_does_not_count_a_value_inside_the_clip_range():
+    # V = 0.1, V_old = -0.05, R = 0, eps_v = 0.2: V - V_old = 0.15 is inside [-0.2, 0.2], so nothing is clipped. In
+    # float32, V_old + (V - V_old) = 0.10000001 != V, and (0.10000001 - 0)^2 > 0.1^2 counted the token as clipped
+    # (clipfrac 1.0). Counted on clamp(V, V_old - eps, V_old + eps) = V itself: 0.0. The loss is the unclipped
+    # 0.5 * 0.1^2 = 0.005 either way.
+    loss, clipfrac = clipped_value_loss(
+        torch.tensor([[0.1]]), torch.tensor([[-0.05]]), torch.tensor([[0.0]]), torch.ones(1, 1), 0.2
+    )
+    assert clipfrac.item() == 0.0
+    assert_close(loss, torch.tensor(0.005))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_clipfrac_counts_exactly_the_values_outside_the_clip_range(seed):
+    # Property: a token counts as clipped iff |V - V_old| > eps_v and the clipped term is the larger one.
+    generator = torch.Generator().manual_seed(seed)
+    values, old_values, returns = (torch.randn(16, 32, generator=generator) * 0.3 for _ in range(3))
+    _, clipfrac = clipped_value_loss(values, old_values, returns, torch.ones(16, 32), 0.2)
+    outside = (values - old_values).abs() > 0.2
+    clipped = torch.clamp(values, old_values - 0.2, old_values + 0.2)
+    expected = (outside & ((clipped - returns) ** 2 > (values - returns) ** 2)).float().mean()
+    assert_close(clipfrac, expected)
+
+
 def test_clipped_value_loss_gradient_is_zero_through_the_clipped_branch():
     # dloss/dV = (1/3) * (V - R) on tokens whose max is the unclipped term (or a tie with an unclipped V_clip):
     #   t0: the max is the clipped term and clip() is saturated -> 0

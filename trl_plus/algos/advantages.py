@@ -37,18 +37,25 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, *, scale_rewards: st
     >>> grpo_advantages(torch.tensor([1.0, 0.0, 3.0, 3.0]), 2, scale_rewards="none")
     tensor([ 0.5000, -0.5000,  0.0000,  0.0000])
     """
+    if scale_rewards not in ("group", "batch", "none"):
+        raise ValueError(f"Unknown scale_rewards '{scale_rewards}'. Valid choices: ['batch', 'group', 'none'].")
     mean, count = _group_stats(rewards, group_size)
     advantages = rewards - mean
-    if scale_rewards == "group":
-        grouped = rewards.view(-1, group_size)
-        var = torch.nanmean((grouped - torch.nanmean(grouped, dim=1, keepdim=True)) ** 2, dim=1, keepdim=True)
-        std = (var.expand_as(grouped).reshape(-1) * count / (count - 1)).sqrt()  # Bessel's correction, as TRL
+    if scale_rewards != "none":
+        std = _reward_std(rewards, group_size, scale_rewards, count)
+        if torch.isinf(std).any():  # squares of |r| > ~1e19 overflow float32: the same std in float64
+            std = _reward_std(rewards.double(), group_size, scale_rewards, count).to(rewards.dtype)
         advantages = advantages / (std + eps)
-    elif scale_rewards == "batch":
-        advantages = advantages / (rewards[~torch.isnan(rewards)].std() + eps)
-    elif scale_rewards != "none":
-        raise ValueError(f"Unknown scale_rewards '{scale_rewards}'. Valid choices: ['batch', 'group', 'none'].")
     return torch.nan_to_num(advantages, nan=0.0)
+
+
+def _reward_std(rewards: torch.Tensor, group_size: int, scale_rewards: str, count: torch.Tensor) -> torch.Tensor:
+    """GRPO's std, per row: of its group ("group") or of the whole batch ("batch"), with Bessel's correction as TRL."""
+    if scale_rewards == "batch":
+        return rewards[~torch.isnan(rewards)].std()
+    grouped = rewards.view(-1, group_size)
+    var = torch.nanmean((grouped - torch.nanmean(grouped, dim=1, keepdim=True)) ** 2, dim=1, keepdim=True)
+    return (var.expand_as(grouped).reshape(-1) * count / (count - 1)).sqrt()
 
 
 @ADVANTAGES.register("rloo")
@@ -132,9 +139,21 @@ def masked_whiten(
     tensor([[-1.,  1.,  0.]])
     """
     reduce = all_reduce_sum or (lambda tensor: tensor)
+    mean, var = _masked_mean_var(values, mask, reduce)
+    if not torch.isfinite(var):  # squares of |x| > ~1e19 overflow float32; the same statistics in float64
+        mean, var = _masked_mean_var(values.double(), mask, reduce)
+    whitened = (values - mean) * torch.rsqrt(var.clamp(min=eps)) * mask.to(values.dtype)
+    return whitened.to(values.dtype)
+
+
+def _masked_mean_var(values: torch.Tensor, mask: torch.Tensor, reduce) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and population variance of the valid entries of `values`, summed over processes by `reduce`.
+
+    The squared deviations are selected with `where`, not multiplied by the mask: an overflowed (inf) square on
+    padding would make inf * 0 = NaN. Same on every process (the sums are global), so fallbacks agree too.
+    """
     mask = mask.to(values.dtype)
     totals = reduce(torch.stack([(values * mask).sum(), mask.sum()]))
     mean = totals[0] / totals[1].clamp(min=1.0)
-    sum_sq_dev = reduce(((values - mean) ** 2 * mask).sum().reshape(1))[0]
-    var = sum_sq_dev / totals[1].clamp(min=1.0)
-    return (values - mean) * torch.rsqrt(var.clamp(min=eps)) * mask
+    sum_sq_dev = reduce(torch.where(mask.bool(), (values - mean) ** 2, 0.0).sum().reshape(1))[0]
+    return mean, sum_sq_dev / totals[1].clamp(min=1.0)

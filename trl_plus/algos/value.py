@@ -177,7 +177,10 @@ def clipped_value_loss(
         values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
         vf_loss2 = (values_clipped - returns) ** 2
         per_token_loss = 0.5 * torch.maximum(vf_loss1, vf_loss2)
-        is_clipped = vf_loss2 > vf_loss1
+        # Counted on clamp(V, V_old - eps, V_old + eps), which is V itself inside the range (TRL's old PPOTrainer,
+        # verl): V_old + (V - V_old) can round away from V and count an unclipped token as clipped.
+        values_in_range = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)
+        is_clipped = (values_in_range - returns) ** 2 > vf_loss1
     valid = mask.bool()
     per_token_loss = torch.where(valid, per_token_loss, 0.0)  # padding may hold anything, even NaN
     loss = token_mean(per_token_loss, valid.to(per_token_loss.dtype), num_tokens=num_tokens)
@@ -192,12 +195,16 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     1 for a perfect critic, 0 for one that predicts the mean return, negative for one worse than that. Returns a 0-dim
     float tensor (at least float32). When the returns do not vary (Var(R) <= float eps * mean(R^2 + V^2), which
     covers constant returns up to rounding) or no token is valid, the ratio is undefined and the result is 0, never
-    NaN.
+    NaN. Finite inputs give a finite result: when float32 squares overflow (|x| > ~1e19), it is computed in float64.
 
     >>> explained_variance(torch.tensor([[1.5, 2.0, 2.5]]), torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[1, 1, 1]]))
     tensor(0.7500)
     """
     dtype = torch.promote_types(torch.promote_types(values.dtype, returns.dtype), torch.float32)
+    return _explained_variance(values, returns, mask, dtype)
+
+
+def _explained_variance(values, returns, mask, dtype: torch.dtype) -> torch.Tensor:
     valid = mask.bool()
     weights = valid.to(dtype)
     returns = torch.where(valid, returns.to(dtype), 0.0)
@@ -209,6 +216,8 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     var_returns = masked_var(returns)
     # Scaled by the values too: returns that are 0 up to rounding (e.g. from GAE on all-zero rewards) are degenerate.
     scale = token_mean(returns**2 + torch.where(valid, values.to(dtype), 0.0) ** 2, weights)
+    if not torch.isfinite(scale) and dtype != torch.float64:  # the squares overflowed: the same in float64
+        return _explained_variance(values, returns, mask, torch.float64).to(dtype)
     degenerate = var_returns <= torch.finfo(dtype).eps * scale
     ratio = masked_var(residuals) / torch.where(degenerate, 1.0, var_returns)
     return torch.where(degenerate, 0.0, 1.0 - ratio)

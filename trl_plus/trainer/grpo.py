@@ -20,6 +20,7 @@ import torch
 import trl
 from accelerate.utils import gather_object
 from datasets import IterableDataset
+from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import RepeatSampler, get_config_model_id
@@ -36,6 +37,7 @@ from ..algos import (
 )
 from ..algos.process_rewards import process_advantages
 from ..rewards import MajorityVoteReward, OverlongPenalty, ProcessReward
+from ..rewards.checks import checked_reward_func, unscore_non_finite
 from ..sampling import (
     SurplusBuffer,
     greedy_last_in_vllm_server,
@@ -46,6 +48,7 @@ from ..sampling import (
     split_rows,
     stack_rows,
 )
+from .nonfinite import NonFiniteStepGuard, NonFiniteTrainingError
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +172,14 @@ class GRPOConfig(trl.GRPOConfig):
         default=False,
         metadata={"help": "Dynamic sampling: raise instead of training on a partly filled batch."},
     )
+    max_consecutive_nonfinite_steps: int = field(
+        default=3,
+        metadata={
+            "help": "An optimizer step whose loss or gradient norm is NaN or inf is skipped (weights and optimizer "
+            "state unchanged; counted in the `nonfinite/skipped_steps` metric). After this many such steps in a row "
+            "training stops with an error naming the quantity and the step."
+        },
+    )
 
     def __post_init__(self):
         self._validate_choices()
@@ -198,6 +209,11 @@ class GRPOConfig(trl.GRPOConfig):
             OverlongPenalty(self.max_completion_length, self.overlong_buffer_len, self.overlong_penalty_factor)
         if self.max_num_gen_batches < 1:
             raise ValueError(f"`max_num_gen_batches` must be >= 1, got {self.max_num_gen_batches}.")
+        if self.max_consecutive_nonfinite_steps < 1:
+            raise ValueError(
+                f"`max_consecutive_nonfinite_steps` is {self.max_consecutive_nonfinite_steps}; valid: an int >= 1 "
+                "(1 stops at the first non-finite step)."
+            )
         if self.kl_cov_coef < 0:
             raise ValueError(f"`kl_cov_coef` must be >= 0, got {self.kl_cov_coef}.")
         if self.advantage_estimator == "rloo" and self.num_generations is not None and self.num_generations < 2:
@@ -316,6 +332,13 @@ class GRPOTrainer(trl.GRPOTrainer):
         for func in self.reward_funcs:
             if isinstance(func, MajorityVoteReward) and func.gather_fn is None:
                 func.gather_fn = gather_object  # TTRL votes over whole groups, which can straddle processes
+        # A reward function's bad output is named at its source instead of failing deep in TRL's tensor conversion.
+        self.reward_funcs = [
+            func if isinstance(func, nn.Module) else checked_reward_func(func, name)
+            for func, name in zip(self.reward_funcs, self.reward_func_names, strict=True)
+        ]
+        self._warned_non_finite_rewards = set()
+        self._step_guard = NonFiniteStepGuard(args.max_consecutive_nonfinite_steps)
         self._surplus = SurplusBuffer(
             self.num_generations, capacity_groups=args.generation_batch_size // self.num_generations
         )
@@ -345,8 +368,27 @@ class GRPOTrainer(trl.GRPOTrainer):
     # ------------------------------------------------------------------ advantages
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         # TRL returns the rewards of every process; keep them for estimators that need whole groups.
-        self._last_rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        return self._last_rewards_per_func
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        rewards_per_func, num_infinite = unscore_non_finite(rewards_per_func)
+        self._report_non_finite_rewards(num_infinite.tolist(), len(rewards_per_func))
+        self._last_rewards_per_func = rewards_per_func
+        return rewards_per_func
+
+    def _report_non_finite_rewards(self, num_infinite: list[int], num_completions: int) -> None:
+        """Metric `rewards/<name>/non_finite` (completions of the global batch given +-inf, now unscored) per reward
+        function from its first one on (a healthy run logs exactly TRL's keys), and a warning at that first one."""
+        mode = "train" if self.model.training else "eval"
+        for name, count in zip(self.reward_func_names, num_infinite, strict=True):
+            if count and name not in self._warned_non_finite_rewards:
+                self._warned_non_finite_rewards.add(name)
+                logger.warning(
+                    f"Reward function {name!r} gave a non-finite reward (inf) to {count} of {num_completions} "
+                    f"completions at step {self.state.global_step}: they are treated as not scored by it (as if it "
+                    "returned None), so they are left out of every baseline and statistic. Only this first "
+                    f"occurrence is reported; the metric rewards/{name}/non_finite counts them all."
+                )
+            if name in self._warned_non_finite_rewards:
+                self._metrics[mode][f"rewards/{name}/non_finite"].append(count)
 
     def _generate_and_score_completions(self, inputs):
         mode = "train" if self.model.training else "eval"
@@ -371,7 +413,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         The result is not yet whitened over the global batch: dynamic sampling changes which rows are in it.
         """
         output = super()._generate_and_score_completions(inputs)
-        if self._replaces_trl_advantages:
+        if self._replaces_trl_advantages or self._trl_reward_std_overflowed():
             output["advantages"] = self._compute_advantages(output)
             self._log_advantages(output)  # TRL logged this round's rows with its own GRPO advantages
         if self.args.advantage_estimator == "remax":
@@ -428,6 +470,16 @@ class GRPOTrainer(trl.GRPOTrainer):
         args = self.args
         return args.advantage_estimator != "grpo" or args.kl_in_reward or self._process_reward is not None
 
+    def _trl_reward_std_overflowed(self) -> bool:
+        """Whether TRL's float32 reward std overflowed (std = inf turns every advantage of the group into 0): rewards
+        beyond 1e18 in magnitude, whose squared deviations can pass float32's 3.4e38 summed over a group of 64."""
+        args = self.args
+        if args.advantage_estimator != "grpo" or args.scale_rewards == "none":
+            return False
+        if args.multi_objective_aggregation != "sum_then_normalize":
+            return False
+        return bool(torch.nan_to_num(self._global_rewards().abs(), nan=0.0).max() > 1e18)
+
     def _global_rewards(self) -> torch.Tensor:
         """Weighted sum of the gathered rewards, `(N,)`; NaN where no reward function scored the completion."""
         rewards_per_func = self._last_rewards_per_func
@@ -440,8 +492,13 @@ class GRPOTrainer(trl.GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         if self._process_reward is not None:
             advantages = self._process_advantages(output)
-        elif args.advantage_estimator == "grpo":
+        elif args.advantage_estimator == "grpo" and not self._trl_reward_std_overflowed():
             advantages = output["advantages"]
+        elif args.advantage_estimator == "grpo":  # the same advantages as TRL's, with an overflow-safe std
+            all_advantages = ADVANTAGES.get("grpo")(
+                self._global_rewards(), self._num_generations(mode), scale_rewards=args.scale_rewards
+            )
+            advantages = self._local_rows(all_advantages, output)
         else:
             num_generations = self._num_generations(mode)
             all_advantages = ADVANTAGES.get(args.advantage_estimator)(self._global_rewards(), num_generations)
@@ -634,6 +691,50 @@ class GRPOTrainer(trl.GRPOTrainer):
         path = os.path.join(checkpoint, SURPLUS_BUFFER_FILE) if checkpoint is not None else None
         if self.args.dynamic_sampling and path is not None and os.path.exists(path):
             self._surplus.load_state_dict(torch.load(path, weights_only=True))
+
+    # ------------------------------------------------------------------ non-finite guard
+    def training_step(self, model, inputs, num_items_in_batch):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._step_guard.record_loss(loss.item())
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """Transformers computes the norm of the accumulated gradients right before the optimizer step: a step whose
+        loss or norm is non-finite drops its gradients here, so the optimizer updates neither weights nor state."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        loss_was_finite_everywhere = True
+        if self.accelerator.num_processes > 1:  # one decision on every process (the norm itself is global)
+            bad_loss = torch.tensor(float(self._step_guard.has_bad_loss), device=self.accelerator.device)
+            loss_was_finite_everywhere = self.accelerator.reduce(bad_loss, reduction="sum").item() == 0
+        norm = None if grad_norm is None else float(grad_norm)
+        if self._step_guard.should_skip_step(norm, self.state.global_step + 1, loss_was_finite_everywhere):
+            if self.is_deepspeed_enabled:  # DeepSpeed steps from its own gradient buffers, which zero_grad misses
+                raise NonFiniteTrainingError(
+                    f"Optimizer step {self.state.global_step + 1}: non-finite loss or gradient norm ({norm}); "
+                    "under DeepSpeed the update cannot be skipped, so training stopped before it was applied."
+                )
+            model.zero_grad(set_to_none=True)  # torch optimizers skip parameters without a gradient
+        return grad_norm
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._step_guard.num_skipped:  # the run's count, from the first skipped step on
+            logs = {**logs, "nonfinite/skipped_steps": self._step_guard.num_skipped}
+        super().log(logs, start_time)
+
+    def _save(self, output_dir=None, state_dict=None):
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        tensors = dict(state_dict or {})
+        if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):  # sharded parameters: only the gathered dict
+            tensors.update(self.accelerator.unwrap_model(self.model).state_dict())
+        non_finite = [
+            name for name, tensor in tensors.items() if tensor.is_floating_point() and not tensor.isfinite().all()
+        ]
+        if non_finite:
+            raise NonFiniteTrainingError(
+                f"Refusing to save non-finite weights to {output_dir}: {len(non_finite)} tensors hold NaN or inf "
+                f"(first: {non_finite[:3]})."
+            )
+        super()._save(output_dir, state_dict)
 
     # ------------------------------------------------------------------ loss
     def _compute_loss(self, model, inputs):
