@@ -14,7 +14,7 @@ With default settings nothing here runs: advantages and loss are TRL's own, so t
 import logging
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 
 import torch
 import trl
@@ -46,6 +46,7 @@ from ..sampling import (
     split_rows,
     stack_rows,
 )
+from .field_types import check_field_types
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,14 @@ TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "
 _PPO_CLIP_AGGREGATION = {"grpo": "seq_mean_token_mean", "dapo": "token_mean", "dr_grpo": "seq_mean_token_sum_norm"}
 # Loss types trl_plus adds: every registered policy loss except the PPO clip that TRL's types already name.
 NEW_LOSS_TYPES = tuple(name for name in POLICY_LOSSES.names() if name != "ppo_clip")
+# The values of TRL 1.16 fields that TRL checks only at the first step (grpo_trainer.py). `scale_rewards` True / False
+# are TRL's aliases of "group" / "none", mapped in `trl.GRPOConfig.__post_init__`.
+TRL_CHOICES_CHECKED_LATE = {
+    "scale_rewards": ("group", "batch", "none", True, False),
+    "multi_objective_aggregation": ("sum_then_normalize", "normalize_then_sum"),
+    "importance_sampling_level": ("token", "sequence"),
+    "vllm_importance_sampling_mode": ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"),
+}
 SURPLUS_BUFFER_FILE = "dynamic_sampling_buffer.pt"
 # Inputs that `_get_per_token_logps_and_entropies` forwards to multimodal models.
 _MODEL_INPUT_KEYS = (
@@ -74,6 +83,16 @@ _MODEL_INPUT_KEYS = (
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"`{name}` is {value!r}; valid choices: {list(choices)}.")
+
+
+def loss_types_reading(hyperparameter: str) -> list[str]:
+    """The `loss_type` values whose policy loss takes `hyperparameter`, read from the `POLICY_LOSSES` signatures (the
+    trainer passes each loss only what its signature names): 'ppo_clip' is TRL's PPO-clip types."""
+    return [
+        loss_type
+        for name in POLICY_LOSSES.accepting(hyperparameter)
+        for loss_type in (_PPO_CLIP_AGGREGATION if name == "ppo_clip" else [name])
+    ]
 
 
 @dataclass
@@ -171,9 +190,11 @@ class GRPOConfig(trl.GRPOConfig):
     )
 
     def __post_init__(self):
+        check_field_types(self)
         self._validate_choices()
         super().__post_init__()
         self._validate_combinations()
+        self._warn_options_without_effect()
 
     def _validate_choices(self) -> None:
         _check_choice("advantage_estimator", self.advantage_estimator, ADVANTAGES.names())
@@ -181,6 +202,15 @@ class GRPOConfig(trl.GRPOConfig):
         _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS.names())
         if self.loss_aggregation is not None:
             _check_choice("loss_aggregation", self.loss_aggregation, AGGREGATIONS.names())
+        for name, choices in TRL_CHOICES_CHECKED_LATE.items():
+            _check_choice(name, getattr(self, name), choices)
+        if self.beta < 0:
+            raise ValueError(f"`beta` is {self.beta}; valid: >= 0 (0 turns the KL penalty off).")
+        if self.dual_clip_c is not None and self.loss_type not in loss_types_reading("dual_clip_c"):
+            raise ValueError(
+                f"`dual_clip_c` is {self.dual_clip_c}, which loss_type={self.loss_type!r} does not read; valid: "
+                f"loss_type in {loss_types_reading('dual_clip_c')}, or dual_clip_c=None."
+            )
         if self.epsilon < 0:
             raise ValueError(f"`epsilon` must be >= 0, got {self.epsilon}.")
         if self.epsilon_high is not None and self.epsilon_high < 0:
@@ -253,6 +283,39 @@ class GRPOConfig(trl.GRPOConfig):
                 "loss_type='aspo' with on-policy updates (ratio = 1) is plain policy gradient; ASPO reweights "
                 "off-policy tokens. Set num_iterations > 1 or steps_per_generation > gradient_accumulation_steps."
             )
+
+    def _warn_options_without_effect(self) -> None:
+        """Warn about options set away from this class's default that the rest of the config makes no-ops. A preset's
+        own defaults (RLOOConfig's scale_rewards='none') are not the user's choice and do not warn."""
+        reasons = {
+            "dynamic_sampling_strict": None if self.dynamic_sampling else "dynamic_sampling is False",
+            "max_num_gen_batches": None if self.dynamic_sampling else "dynamic_sampling is False",
+            "overlong_penalty_factor": (
+                None if self.overlong_buffer_len is not None else "overlong_buffer_len is None (no overlong shaping)"
+            ),
+            "scale_rewards": self._scale_rewards_ignored_because,
+        }
+        for name in self.__dataclass_fields__.keys() - trl.GRPOConfig.__dataclass_fields__.keys():
+            loss_types = loss_types_reading(name)  # the hyperparameters of registered policy losses
+            if loss_types and self.loss_type not in loss_types:  # (dual_clip_c raised in `_validate_choices`)
+                reasons[name] = f"only loss_type in {loss_types} reads it, and loss_type is {self.loss_type!r}"
+        for name, reason in sorted(reasons.items()):
+            if reason is not None and self._differs_from_default(name):
+                logger.warning(f"`{name}` is {getattr(self, name)!r} but has no effect: {reason}.")
+
+    @property
+    def _scale_rewards_ignored_because(self) -> str | None:
+        """Why TRL's reward scaling is not applied, or None when it is (TRL's GRPO advantages of summed rewards)."""
+        if self.advantage_estimator != "grpo":
+            return f"only advantage_estimator='grpo' scales rewards, and it is {self.advantage_estimator!r}"
+        if self.multi_objective_aggregation != "sum_then_normalize":
+            return "multi_objective_aggregation='normalize_then_sum' normalizes each reward itself"
+        return None
+
+    def _differs_from_default(self, name: str) -> bool:
+        config_field = self.__dataclass_fields__[name]
+        has_factory = config_field.default_factory is not MISSING
+        return getattr(self, name) != (config_field.default_factory() if has_factory else config_field.default)
 
     @property
     def registry_policy_loss(self) -> str | None:

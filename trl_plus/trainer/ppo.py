@@ -73,6 +73,7 @@ from ..algos.value import (
     kl_shaped_token_rewards,
     length_adaptive_lambda,
 )
+from .field_types import check_field_types
 from .grpo import GRPOConfig, GRPOTrainer
 
 logger = logging.getLogger(__name__)
@@ -207,6 +208,7 @@ class PPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        check_field_types(self)  # before the checks below compare values; GRPOConfig's __post_init__ repeats it
         if self.beta == 0.0:  # no KL: where it would go and how it would be estimated do not apply
             self.kl_in_reward, self.kl_estimator = False, "k3"
         self._validate_ppo()
@@ -282,6 +284,10 @@ class PPOConfig(GRPOConfig):
             "PPOTrainer does not support use_vllm yet: vLLM's weight sync would also send the critic's modules "
             "(value head / value model), which vLLM does not know.",
         )
+
+    @property
+    def _scale_rewards_ignored_because(self) -> str | None:
+        return "PPO's advantages are GAE's, from the critic (see whiten_advantages)"
 
 
 @dataclass
