@@ -86,6 +86,17 @@ VALUE_HEAD_FILE = "value_head.safetensors"  # saved in the critic adapter's fold
 PPO_STATE_FILE = "ppo_state.json"
 
 
+def _check_policy_is_trained(value_pretrain_steps: int, num_steps: int, steps_source: str) -> None:
+    """Raise when value pretraining takes every one of the run's `num_steps` optimizer steps (`steps_source` says
+    which setting gives them), so that the policy would never be updated."""
+    if value_pretrain_steps >= num_steps:
+        raise ValueError(
+            f"`value_pretrain_steps` is {value_pretrain_steps} and {steps_source}: every optimizer step would train "
+            "only the critic and the policy would never be updated. Set value_pretrain_steps below the number of "
+            "steps (0 turns value pretraining off), or train for more steps."
+        )
+
+
 class _GroupSizeForTRLCheck(int):
     """`num_generations=1` while `trl.GRPOConfig.__post_init__` runs: TRL rejects `num_generations < 2` because a
     GRPO group baseline needs two samples, but PPO's baseline is its critic. Compares like 2 in `<` and is 1 in every
@@ -262,6 +273,8 @@ class PPOConfig(GRPOConfig):
         )
         check(self.kl_horizon > 0, f"`kl_horizon` must be > 0, got {self.kl_horizon}.")
         check(self.value_pretrain_steps >= 0, f"`value_pretrain_steps` must be >= 0, got {self.value_pretrain_steps}.")
+        if self.max_steps > 0:  # epoch-based runs: `PPOTrainer.set_initial_training_values` checks it
+            _check_policy_is_trained(self.value_pretrain_steps, self.max_steps, f"`max_steps` is {self.max_steps}")
         check(self.positive_lm_coef >= 0, f"`positive_lm_coef` must be >= 0, got {self.positive_lm_coef}.")
         for name in ("critic_lora_r", "critic_lora_alpha"):
             check(getattr(self, name) is None or getattr(self, name) > 0, f"`{name}` must be > 0 or None.")
@@ -524,6 +537,17 @@ class PPOTrainer(GRPOTrainer):
         for param, grad in zip(self._critic_params, grads, strict=True):
             param.grad = flat[offset : offset + grad.numel()].view_as(param).to(param.dtype)
             offset += grad.numel()
+
+    def set_initial_training_values(self, args, dataloader):
+        values = super().set_initial_training_values(args, dataloader)
+        num_steps = values[-1]  # the run's optimizer steps, known from here on (from the epochs when max_steps <= 0)
+        steps_source = (
+            f"`max_steps` is {num_steps}"
+            if args.max_steps > 0
+            else f"`num_train_epochs={args.num_train_epochs}` makes {num_steps} optimizer steps"
+        )
+        _check_policy_is_trained(args.value_pretrain_steps, num_steps, steps_source)
+        return values
 
     # ------------------------------------------------------------------ rollout: values, token rewards, GAE
     def _in_value_pretraining(self) -> bool:
