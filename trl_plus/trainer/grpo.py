@@ -11,6 +11,7 @@ With default settings nothing here runs: advantages and loss are TRL's own, so t
   `AGGREGATIONS` registries; every other configuration goes to TRL's `_compute_loss` unchanged.
 """
 
+import inspect
 import logging
 import os
 from contextlib import nullcontext
@@ -19,9 +20,10 @@ from dataclasses import MISSING, dataclass, field
 import torch
 import trl
 from accelerate.utils import gather_object
-from datasets import IterableDataset
+from datasets import Dataset, IterableDataset
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.models.utils import disable_gradient_checkpointing
+from trl.rewards.other_rewards import _SoftOverlongPunishment
 from trl.trainer.utils import RepeatSampler, get_config_model_id
 
 from ..algos import (
@@ -361,13 +363,22 @@ class GRPOTrainer(trl.GRPOTrainer):
                 f"{type(self).__name__} needs a trl_plus config (e.g. trl_plus.{self.config_class.__name__}), got "
                 f"{type(args).__module__}.{type(args).__name__}."
             )
+        trl_arguments = (
+            inspect.signature(trl.GRPOTrainer.__init__)
+            .bind(self, model, reward_funcs, args, *positional, **kwargs)
+            .arguments
+        )
+        self._check_datasets(
+            args,
+            trl_arguments.get("train_dataset"),
+            trl_arguments.get("eval_dataset"),
+            has_environment=trl_arguments.get("environment_factory") is not None,
+        )
         if args.overlong_buffer_len is not None:
             reward_funcs = self._with_overlong_penalty(reward_funcs, args)
         super().__init__(model, reward_funcs, args, *positional, **kwargs)
         if args.advantage_estimator == "remax" and self.tools:
             raise ValueError("advantage_estimator='remax' does not support tool calling: greedy rows are by position.")
-        if args.dynamic_sampling and isinstance(self.train_dataset, IterableDataset):
-            raise ValueError("`dynamic_sampling=True` draws extra prompts by index: use a map-style `Dataset`.")
         self._last_rewards_per_func = None
         process_rewards = [func for func in self.reward_funcs if isinstance(func, ProcessReward)]
         if len(process_rewards) > 1 or (process_rewards and args.advantage_estimator != "grpo"):
@@ -397,9 +408,45 @@ class GRPOTrainer(trl.GRPOTrainer):
         }
 
     @staticmethod
+    def _check_datasets(args: GRPOConfig, train_dataset, eval_dataset, has_environment: bool) -> None:
+        """Raise, before the model loads, for datasets that TRL would fail on at the first step (no `prompt` column)
+        or train 0 steps on (fewer prompts than one generation batch) without a word."""
+        if not has_environment:  # an environment's `reset()` may supply the prompts instead
+            eval_datasets = eval_dataset.items() if isinstance(eval_dataset, dict) else [(None, eval_dataset)]
+            named = [("train_dataset", train_dataset)]
+            named += [("eval_dataset" if key is None else f"eval_dataset[{key!r}]", ds) for key, ds in eval_datasets]
+            for name, dataset in named:
+                columns = getattr(dataset, "column_names", None)  # None for an iterable dataset of unknown features
+                if columns is not None and "prompt" not in columns:
+                    raise ValueError(
+                        f"`{name}` has no `prompt` column, which the trainer generates from; its columns are "
+                        f"{columns}. Rename the prompt column (e.g. `dataset.rename_column('question', 'prompt')`)."
+                    )
+        # TRL's RepeatSampler draws generation_batch_size // num_generations prompts per generation batch (over all
+        # processes) and drops a last partial batch, so a smaller dataset gives no batch at all.
+        prompts_per_batch = args.generation_batch_size // args.num_generations
+        if isinstance(train_dataset, Dataset) and len(train_dataset) < prompts_per_batch:
+            raise ValueError(
+                f"`train_dataset` has {len(train_dataset)} rows, fewer than the {prompts_per_batch} prompts of one "
+                f"generation batch (generation_batch_size {args.generation_batch_size} // num_generations "
+                f"{args.num_generations}, over all processes): training would run 0 steps. Give more prompts, or "
+                "lower per_device_train_batch_size, steps_per_generation or the number of processes."
+            )
+        if args.dynamic_sampling and isinstance(train_dataset, IterableDataset):
+            raise ValueError("`dynamic_sampling=True` draws extra prompts by index: use a map-style `Dataset`.")
+
+    @staticmethod
     def _with_overlong_penalty(reward_funcs, args: GRPOConfig) -> list:
         """Append DAPO's overlong penalty to the reward functions, with weight 1 if the user gave weights."""
         reward_funcs = list(reward_funcs) if isinstance(reward_funcs, list | tuple) else [reward_funcs]
+        penalties = (OverlongPenalty, _SoftOverlongPunishment)  # trl_plus's, and TRL's `get_soft_overlong_punishment`
+        given = [type(func).__name__ for func in reward_funcs if isinstance(func, penalties)]
+        if given:
+            raise ValueError(
+                f"`overlong_buffer_len` is {args.overlong_buffer_len}, which adds DAPO's overlong penalty to the "
+                f"rewards, and `reward_funcs` already holds one ({', '.join(given)}): it would be applied twice. "
+                "Unset overlong_buffer_len, or remove the penalty from reward_funcs."
+            )
         if args.reward_weights is not None and len(args.reward_weights) == len(reward_funcs):
             args.reward_weights = [*args.reward_weights, 1.0]
         penalty = OverlongPenalty(args.max_completion_length, args.overlong_buffer_len, args.overlong_penalty_factor)
