@@ -72,6 +72,33 @@ def test_missing_model_is_a_usage_error(capsys):
     assert "--model_name_or_path is required" in err
 
 
+DATASET_REQUIRED = "--dataset_name is required (a Hub dataset or a local .json/.jsonl/.csv/.parquet file)."
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["dapo", "--dataset_name", "data.jsonl"], "--model_name_or_path is required."),
+        (["vapo"], "--model_name_or_path is required."),
+        (["ppo", "--model_name_or_path", "m"], DATASET_REQUIRED),
+    ],
+)
+def test_a_missing_model_or_dataset_is_said_before_the_config_is_built(argv, error, capsys):
+    # Without --use_cpu and --bf16 false, building the GPU-shaped config on a CPU machine would fail first on bf16.
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2
+    assert err.splitlines()[-1] == f"trl-plus {argv[0]}: error: {error}"
+    assert err.count("error:") == 1
+
+
+def test_the_model_may_come_from_the_config_file(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model_name_or_path: my-model\nlearning_rate: 1.0e-5\n")
+    code, _, err = run_cli(["grpo", "--config", str(recipe)], capsys)
+    assert code == 2
+    assert err.splitlines()[-1] == f"trl-plus grpo: error: {DATASET_REQUIRED}"
+
+
 def test_console_script():
     (entry_point,) = importlib.metadata.entry_points(group="console_scripts", name="trl-plus")
     assert entry_point.value == "trl_plus.cli:main"

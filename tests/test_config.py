@@ -6,6 +6,7 @@ field; the valid choices listed in messages and help text come from the registri
 
 import dataclasses
 import logging
+import math
 import re
 
 import pytest
@@ -14,7 +15,8 @@ from conftest import make_config
 
 import trl_plus
 from trl_plus.algos import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
-from trl_plus.trainer.grpo import NEW_LOSS_TYPES, TRL_LOSS_TYPES
+from trl_plus.trainer.field_types import _simple_fields, check_field_types
+from trl_plus.trainer.grpo import NEW_LOSS_TYPES, TRL_CHOICES_CHECKED_LATE, TRL_LOSS_TYPES, loss_types_reading
 
 # ---------------------------------------------------------------------------------------------- unknown choices
 
@@ -68,6 +70,7 @@ def test_help_text_lists_registry_names(field, registry):
 
 # (overrides, words the message must contain)
 INVALID_CONFIGS = {
+    "beta<0": ({"beta": -0.1}, ["`beta` is -0.1; valid: >= 0"]),
     "epsilon<0": ({"epsilon": -0.1}, ["`epsilon`", "-0.1"]),
     "epsilon_high<0": ({"epsilon_high": -0.1}, ["`epsilon_high`", "-0.1"]),
     "dual_clip_c=1": ({"dual_clip_c": 1.0}, ["`dual_clip_c`", "> 1"]),
@@ -152,6 +155,12 @@ def test_boundary_configs_are_accepted(tmp_path, overrides):
         assert getattr(config, name) == value
 
 
+def test_negative_beta_raises_in_a_preset_that_puts_the_kl_in_the_reward(tmp_path):
+    # REINFORCE++ folds -beta * KL into the reward: a negative beta would reward drifting from the reference.
+    with pytest.raises(ValueError, match=re.escape("`beta` is -0.05; valid: >= 0")):
+        make_config(trl_plus.ReinforcePPConfig, tmp_path, beta=-0.05)
+
+
 def test_aspo_on_policy_warns(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="trl_plus"):
         make_config(trl_plus.GRPOConfig, tmp_path, loss_type="aspo")
@@ -165,6 +174,234 @@ def test_aspo_on_policy_warns(tmp_path, caplog):
 @pytest.mark.parametrize("estimator", ADVANTAGES.names())
 def test_every_registered_estimator_is_a_valid_choice(tmp_path, estimator):
     assert make_config(trl_plus.GRPOConfig, tmp_path, advantage_estimator=estimator).advantage_estimator == estimator
+
+
+# ---------------------------------------------------------------------------------------------- TRL's late checks
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("scale_rewards", "bogus"),
+        ("scale_rewards", "True"),  # TRL maps the bools True / False, not their strings
+        ("multi_objective_aggregation", "sum"),
+        ("importance_sampling_level", "seq"),
+        ("vllm_importance_sampling_mode", "token"),
+    ],
+)
+def test_trl_fields_checked_only_at_the_first_step_raise_at_construction(tmp_path, field, value):
+    with pytest.raises(ValueError) as excinfo:
+        make_config(trl_plus.GRPOConfig, tmp_path, **{field: value})
+    assert str(excinfo.value) == f"`{field}` is {value!r}; valid choices: {list(TRL_CHOICES_CHECKED_LATE[field])}."
+
+
+def test_scale_rewards_choices_are_trls_with_its_boolean_aliases(tmp_path):
+    assert TRL_CHOICES_CHECKED_LATE["scale_rewards"] == ("group", "batch", "none", True, False)
+    for value, expected in [("batch", "batch"), (True, "group"), (False, "none")]:
+        assert make_config(trl_plus.GRPOConfig, tmp_path, scale_rewards=value).scale_rewards == expected
+
+
+# ---------------------------------------------------------------------------------------------- field types
+
+
+@pytest.mark.parametrize(
+    ("config_class", "field", "value", "error", "valid"),
+    [
+        # trl_plus's fields
+        (trl_plus.GRPOConfig, "dual_clip_c", math.nan, ValueError, "a finite float or None"),
+        (trl_plus.GRPOConfig, "kl_cov_coef", math.inf, ValueError, "a finite float"),
+        (trl_plus.GRPOConfig, "kl_in_reward", "yes", TypeError, "True or False"),
+        (trl_plus.GRPOConfig, "dynamic_sampling", 1, TypeError, "True or False"),
+        (trl_plus.GRPOConfig, "max_num_gen_batches", 1.5, TypeError, "an int"),
+        (trl_plus.GRPOConfig, "max_num_gen_batches", True, TypeError, "an int"),  # a bool is not an int here
+        (trl_plus.GRPOConfig, "overlong_buffer_len", 2.0, TypeError, "an int or None"),
+        (trl_plus.PPOConfig, "gamma", "0.9", TypeError, "a finite float"),  # before PPO's range checks compare it
+        (trl_plus.PPOConfig, "kl_horizon", math.inf, ValueError, "a finite float"),
+        (trl_plus.VAPOConfig, "value_pretrain_steps", 1.5, TypeError, "an int"),
+        (trl_plus.DAPOConfig, "epsilon_high", math.nan, ValueError, "a finite float or None"),
+        # TRL's and transformers' fields with a simple annotation
+        (trl_plus.GRPOConfig, "temperature", math.nan, ValueError, "a finite float"),
+        (trl_plus.GRPOConfig, "num_iterations", 2.0, TypeError, "an int"),
+        (trl_plus.GRPOConfig, "mask_truncated_completions", "false", TypeError, "True or False"),
+        (trl_plus.GRPOConfig, "learning_rate", "1e-6", TypeError, "a finite float"),
+        (trl_plus.GRPOConfig, "max_steps", 1.5, TypeError, "an int"),
+    ],
+)
+def test_a_value_of_the_wrong_type_raises_naming_the_field_and_the_valid_type(
+    tmp_path, config_class, field, value, error, valid
+):
+    with pytest.raises(error) as excinfo:
+        make_config(config_class, tmp_path, **{field: value})
+    assert str(excinfo.value) == f"`{field}` is {value!r}; valid: {valid}."
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"learning_rate": 1, "dual_clip_c": 3, "kl_cov_coef": 0},  # an int is a valid float
+        {"epsilon_high": None, "max_completion_length": None, "dual_clip_c": None},  # `| None` fields
+        {"num_generations": 2, "per_device_train_batch_size": 2, "steps_per_generation": 3, "kl_in_reward": False},
+    ],
+)
+def test_values_of_the_annotated_types_are_accepted(tmp_path, overrides):
+    config = make_config(trl_plus.GRPOConfig, tmp_path, **overrides)
+    assert {name: getattr(config, name) for name in overrides} == overrides
+
+
+def test_field_type_check_covers_simple_annotations_of_every_layer_and_leaves_the_others():
+    fields = _simple_fields(trl_plus.PPOConfig)
+    assert fields["dual_clip_c"] == (float, True)  # trl_plus
+    assert fields["gamma"] == (float, False)  # trl_plus's PPO
+    assert fields["max_num_gen_batches"] == (int, False)
+    assert fields["kl_in_reward"] == (bool, False)
+    assert fields["temperature"] == (float, False) and fields["max_completion_length"] == (int, True)  # TRL
+    assert fields["learning_rate"] == (float, False) and fields["bf16"] == (bool, True)  # transformers
+    assert fields["max_steps"] == (int, False)
+    # Unions with str, enums, lists and dicts are converted or checked by the code that reads them.
+    for name in ("scale_rewards", "pad_to_multiple_of", "report_to", "lr_scheduler_type", "reward_weights", "fsdp"):
+        assert name not in fields
+    assert len(fields) > 150
+
+
+CONFIG_CLASSES = [
+    trl_plus.GRPOConfig,
+    trl_plus.DAPOConfig,
+    trl_plus.GSPOConfig,
+    trl_plus.ASPOConfig,
+    trl_plus.RLOOConfig,
+    trl_plus.ReMaxConfig,
+    trl_plus.ReinforcePPConfig,
+    trl_plus.PPOConfig,
+    trl_plus.VAPOConfig,
+]
+
+
+@pytest.mark.parametrize("config_class", CONFIG_CLASSES, ids=lambda c: c.__name__)
+def test_every_field_keeps_its_annotated_type_after_trl_and_transformers_post_init(tmp_path, config_class):
+    # Defaults have their annotated types, and what TRL's and transformers' __post_init__ set (bf16 None -> bool,
+    # steps_per_generation, generation_batch_size, ...) does too: a rebuilt or copied config passes the check again.
+    config = config_class(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
+    check_field_types(config)
+
+
+def test_command_line_values_have_the_annotated_types(tmp_path):
+    from trl_plus.scripts.train import make_parser
+
+    argv = [
+        *("--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", str(tmp_path), "--use_cpu"),
+        *("--bf16", "false", "--learning_rate", "1e-5", "--max_steps", "3", "--dual_clip_c", "3"),
+        *("--kl_in_reward", "true", "--beta", "0.01", "--max_num_gen_batches", "4", "--overlong_buffer_len", "4"),
+    ]
+    _, config, _ = make_parser("grpo").parse_args_and_config(argv)
+    assert (config.learning_rate, config.max_steps, config.dual_clip_c) == (1e-5, 3, 3.0)
+    assert (config.kl_in_reward, config.max_num_gen_batches, config.overlong_buffer_len) == (True, 4, 4)
+
+
+# ---------------------------------------------------------------------------------------------- loss hyperparameters
+
+
+def test_loss_types_reading_each_hyperparameter_come_from_the_loss_signatures():
+    assert loss_types_reading("dual_clip_c") == ["grpo", "dapo", "dr_grpo"]  # the PPO-clip loss types
+    assert loss_types_reading("aspo_neg_clip") == loss_types_reading("aspo_pos_clip") == ["aspo"]
+    assert loss_types_reading("clip_cov_ratio") == loss_types_reading("clip_cov_ub") == ["clip_cov"]
+    assert loss_types_reading("kl_cov_coef") == ["kl_cov"]
+    assert loss_types_reading("beta") == []
+
+
+@pytest.mark.parametrize("loss_type", ["aspo", "clip_cov", "kl_cov"])
+def test_dual_clip_c_with_a_loss_that_does_not_read_it_raises(tmp_path, loss_type):
+    # The registry loss is called with only the hyperparameters its signature names: dual_clip_c would be dropped.
+    with pytest.raises(ValueError) as excinfo:
+        make_config(trl_plus.GRPOConfig, tmp_path, loss_type=loss_type, dual_clip_c=3.0, num_iterations=2)
+    assert str(excinfo.value) == (
+        f"`dual_clip_c` is 3.0, which loss_type={loss_type!r} does not read; valid: loss_type in "
+        "['grpo', 'dapo', 'dr_grpo'], or dual_clip_c=None."
+    )
+
+
+def _no_effect_warnings(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if "has no effect" in record.getMessage()]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            {"aspo_neg_clip": 2.0},
+            "`aspo_neg_clip` is 2.0 but has no effect: only loss_type in ['aspo'] reads it, and loss_type is 'dapo'.",
+        ),
+        (
+            {"loss_type": "aspo", "clip_cov_ratio": 1e-3, "steps_per_generation": 2},
+            "`clip_cov_ratio` is 0.001 but has no effect: only loss_type in ['clip_cov'] reads it, and loss_type is "
+            "'aspo'.",
+        ),
+        (
+            {"loss_type": "grpo", "kl_cov_coef": 0.5},
+            "`kl_cov_coef` is 0.5 but has no effect: only loss_type in ['kl_cov'] reads it, and loss_type is 'grpo'.",
+        ),
+        (
+            {"dynamic_sampling_strict": True},
+            "`dynamic_sampling_strict` is True but has no effect: dynamic_sampling is False.",
+        ),
+        ({"max_num_gen_batches": 3}, "`max_num_gen_batches` is 3 but has no effect: dynamic_sampling is False."),
+        (
+            {"overlong_penalty_factor": 0.5},
+            "`overlong_penalty_factor` is 0.5 but has no effect: overlong_buffer_len is None (no overlong shaping).",
+        ),
+        (
+            {"advantage_estimator": "rloo", "scale_rewards": "batch"},
+            "`scale_rewards` is 'batch' but has no effect: only advantage_estimator='grpo' scales rewards, and it is "
+            "'rloo'.",
+        ),
+        (
+            {"scale_rewards": "none", "multi_objective_aggregation": "normalize_then_sum"},
+            "`scale_rewards` is 'none' but has no effect: multi_objective_aggregation='normalize_then_sum' normalizes "
+            "each reward itself.",
+        ),
+    ],
+)
+def test_an_option_without_effect_in_its_combination_warns(tmp_path, caplog, overrides, expected):
+    with caplog.at_level(logging.WARNING, logger="trl_plus"):
+        make_config(trl_plus.GRPOConfig, tmp_path, **overrides)
+    assert _no_effect_warnings(caplog) == [expected]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"loss_type": "aspo", "aspo_neg_clip": 2.0, "steps_per_generation": 2},
+        {"loss_type": "clip_cov", "clip_cov_ratio": 1e-3, "clip_cov_ub": 4.0},
+        {"loss_type": "kl_cov", "kl_cov_coef": 0.5, "num_iterations": 2},
+        {"dynamic_sampling": True, "dynamic_sampling_strict": True, "max_num_gen_batches": 3},
+        {"overlong_buffer_len": 4, "overlong_penalty_factor": 0.5},
+        {"scale_rewards": "batch"},
+    ],
+)
+def test_options_that_take_effect_do_not_warn(tmp_path, caplog, overrides):
+    with caplog.at_level(logging.WARNING, logger="trl_plus"):
+        make_config(trl_plus.GRPOConfig, tmp_path, **overrides)
+    assert _no_effect_warnings(caplog) == []
+
+
+@pytest.mark.parametrize("config_class", CONFIG_CLASSES, ids=lambda c: c.__name__)
+def test_presets_at_their_defaults_do_not_warn(tmp_path, caplog, config_class):
+    # RLOOConfig / ReMaxConfig set scale_rewards='none' with an estimator that ignores it, PPO's GAE ignores it too:
+    # a preset's own default is not a user's choice.
+    with caplog.at_level(logging.WARNING, logger="trl_plus"):
+        config_class(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
+    assert _no_effect_warnings(caplog) == []
+
+
+def test_a_preset_warns_when_the_user_sets_an_option_it_ignores(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="trl_plus"):
+        make_config(trl_plus.RLOOConfig, tmp_path, scale_rewards="group")
+        make_config(trl_plus.PPOConfig, tmp_path, scale_rewards="batch")
+    assert _no_effect_warnings(caplog) == [
+        "`scale_rewards` is 'group' but has no effect: only advantage_estimator='grpo' scales rewards, and it is "
+        "'rloo'.",
+        "`scale_rewards` is 'batch' but has no effect: PPO's advantages are GAE's, from the critic (see "
+        "whiten_advantages).",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- routing properties

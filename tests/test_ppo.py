@@ -169,6 +169,42 @@ def test_invalid_config_raises(tmp_path, overrides, words):
         make_config(PPOConfig, tmp_path, **{"num_generations": 1, **overrides})
 
 
+@pytest.mark.parametrize(
+    ("config_class", "overrides", "pretrain_steps", "max_steps"),
+    [(VAPOConfig, {"max_steps": 3}, 50, 3), (PPOConfig, {"max_steps": 4, "value_pretrain_steps": 4}, 4, 4)],
+)
+def test_value_pretraining_that_takes_every_step_raises_at_construction(
+    tmp_path, config_class, overrides, pretrain_steps, max_steps
+):
+    with pytest.raises(ValueError) as excinfo:
+        make_config(config_class, tmp_path, **overrides)
+    assert str(excinfo.value) == (
+        f"`value_pretrain_steps` is {pretrain_steps} and `max_steps` is {max_steps}: every optimizer step would train "
+        "only the critic and the policy would never be updated. Set value_pretrain_steps below the number of steps "
+        "(0 turns value pretraining off), or train for more steps."
+    )
+    assert make_config(config_class, tmp_path, **{**overrides, "value_pretrain_steps": max_steps - 1}) is not None
+    assert make_config(config_class, tmp_path, **{**overrides, "max_steps": -1}).max_steps == -1  # known at train
+
+
+def test_value_pretraining_that_takes_every_epoch_step_raises_when_training_starts(tiny_model_path, tmp_path):
+    # 16 prompts, one completion each, 8 rows per generation batch and optimizer step: one epoch is 2 steps.
+    dataset = Dataset.from_dict({"prompt": PROMPTS[:16]})
+    trainer = make_trainer(
+        tiny_model_path, dataset, tmp_path, max_steps=-1, num_train_epochs=1, value_pretrain_steps=2
+    )
+    with pytest.raises(ValueError) as excinfo:
+        trainer.train()
+    assert str(excinfo.value).startswith(
+        "`value_pretrain_steps` is 2 and `num_train_epochs=1` makes 2 optimizer steps: every optimizer step would "
+        "train only the critic"
+    )
+    assert trainer.state.global_step == 0
+    trainer.args.value_pretrain_steps = 1  # one policy step left: the run's steps are returned as the Trainer's
+    values = trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())
+    assert values[-1] == 2
+
+
 def test_beta_zero_turns_the_kl_off(tmp_path):
     args = make_config(PPOConfig, tmp_path, num_generations=1, beta=0.0)
     assert (args.kl_in_reward, args.kl_estimator, args.registry_policy_loss) == (False, "k3", None)
@@ -187,13 +223,14 @@ def test_vapo_config_has_the_papers_defaults_and_only_changes_defaults(tmp_path)
 
 def test_vapo_warns_when_every_completion_is_too_short_for_length_adaptive_lambda(tmp_path, caplog):
     # alpha = 0.05: lambda_policy = 1 - 1 / (0.05 * l) <= 0 for every l <= 20 tokens.
+    settings = {"value_pretrain_steps": 1}  # below make_config's max_steps=2, which VAPO's 50 would take whole
     with caplog.at_level(logging.WARNING, logger="trl_plus"):
-        make_config(VAPOConfig, tmp_path, max_completion_length=20)
+        make_config(VAPOConfig, tmp_path, max_completion_length=20, **settings)
     assert any("length_adaptive_alpha=0.05" in record.getMessage() for record in caplog.records)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="trl_plus"):
-        make_config(VAPOConfig, tmp_path, max_completion_length=21)
-        make_config(VAPOConfig, tmp_path, max_completion_length=8, length_adaptive_alpha=None)
+        make_config(VAPOConfig, tmp_path, max_completion_length=21, **settings)
+        make_config(VAPOConfig, tmp_path, max_completion_length=8, length_adaptive_alpha=None, **settings)
     assert not any("length_adaptive_alpha" in record.getMessage() for record in caplog.records)
 
 
@@ -483,18 +520,22 @@ def test_value_pretraining_trains_only_the_critic(tiny_model_path, dataset, tmp_
         num_generations=2,
         per_device_train_batch_size=16,
         value_pretrain_steps=steps,
-        max_steps=steps,
+        max_steps=steps + 1,  # value pretraining must leave the policy at least one step
     )
+    recorder = PolicyRecorder()
+    trainer.add_callback(recorder)
     before = roles(trainer)
     trainer.train()
     after = roles(trainer)
-    for name, tensor in {**before["policy"], **before["base"]}.items():
-        assert torch.equal(after["policy"].get(name, after["base"].get(name)), tensor), name
+    for name, tensor in before["policy"].items():  # after the last pretraining step
+        assert torch.equal(recorder.steps[steps - 1][name], tensor), name
+    for name, tensor in before["base"].items():
+        assert torch.equal(after["base"][name], tensor), name
     assert all((after["critic"][name] - tensor).abs().max() > 1e-4 for name, tensor in before["critic"].items())
-    value_loss = logged(trainer, "value/loss")
+    value_loss = logged(trainer, "value/loss")[:steps]
     assert len(value_loss) == steps and all(math.isfinite(x) for x in value_loss)
     assert sum(value_loss[-3:]) / 3 < 0.7 * sum(value_loss[:3]) / 3
-    assert logged(trainer, "value/pretraining") == [1.0] * steps
+    assert logged(trainer, "value/pretraining") == [1.0] * steps + [0.0]
     assert "ppo/clipfrac" not in trainer.state.log_history[0]  # no policy forward during pretraining
 
 

@@ -54,6 +54,46 @@ def test_process_reward_is_picklable_and_returns_step_sums():
     assert reward.last_steps[1] == ([0.0, 0.0], [0, 2])
 
 
+def steps_ending_at(*indices):
+    """A step function whose one completion has one step of reward 1 per index in `indices`."""
+
+    def step_fn(completions, **kwargs):
+        return [([1.0] * len(indices), list(indices))]
+
+    return step_fn
+
+
+@pytest.mark.parametrize("index", [5, 9, -1])
+def test_a_step_index_outside_the_completion_raises_naming_it_the_length_and_the_step_function(index):
+    # TRL passes each completion's token ids; a completion of 5 tokens has step end indices 0 to 4.
+    reward = ProcessReward(steps_ending_at(1, index))
+    with pytest.raises(ValueError) as excinfo:
+        reward(completions=["abcde"], completion_ids=[[7] * 5])
+    assert str(excinfo.value) == (
+        f"Step end index {index} of completion 0, from the step function step_fn, is outside the completion "
+        "(5 tokens); valid: 0 to 4."
+    )
+
+
+@pytest.mark.parametrize("index", [2.0, 2.7, "2", True])
+def test_a_step_index_that_is_not_an_int_raises(index):
+    # int(2.7) would put the step on token 2 without a word.
+    reward = ProcessReward(steps_ending_at(index))
+    with pytest.raises(TypeError) as excinfo:
+        reward(completions=["abcde"], completion_ids=[[7] * 5])
+    assert str(excinfo.value) == (
+        f"Step end index {index!r} of completion 0, from the step function step_fn, is not an int; valid: a "
+        "completion-token index (int) from 0."
+    )
+
+
+def test_integer_step_indices_of_any_int_type_are_kept_as_ints():
+    reward = ProcessReward(steps_ending_at(torch.tensor(1), torch.tensor([4])[0], 0))
+    assert reward(completions=["abcde"], completion_ids=[[7] * 5]) == [3.0]
+    assert reward.last_steps == [([1.0, 1.0, 1.0], [1, 4, 0])]
+    assert all(type(index) is int for index in reward.last_steps[0][1])
+
+
 def test_process_reward_needs_the_grpo_estimator(tiny_model_path, prompt_dataset, tmp_path):
     args = make_config(trl_plus.GRPOConfig, tmp_path, advantage_estimator="rloo")
     with pytest.raises(ValueError, match="advantage_estimator='grpo'"):

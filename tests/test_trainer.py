@@ -16,7 +16,9 @@ import torch
 import transformers
 import trl
 from conftest import digit_reward, make_config
+from datasets import Dataset
 from transformers import set_seed
+from trl.rewards import get_soft_overlong_punishment
 
 import trl_plus
 from trl_plus.algos import (
@@ -29,6 +31,7 @@ from trl_plus.algos import (
     reinforce_pp_baseline_advantages,
     rloo_advantages,
 )
+from trl_plus.rewards import overlong_penalty
 
 PAD_ID, EOS_ID, VOCAB_SIZE = 0, 1, 48  # trl_plus.tiny's character tokenizer: <pad>, <eos>, <unk> + 45 characters
 # The random tiny model rarely ends a completion. Raising <eos>'s logit by 3 (p ~ 0.3 per token for its near-uniform
@@ -809,3 +812,79 @@ def test_estimators_stay_finite_on_degenerate_batches(tiny_model_path, prompt_da
     trl_nan_metrics = {"clip_ratio/low_min", "clip_ratio/high_max"} if masked else set()
     non_finite = {key for key, value in last_metrics(trainer).items() if not math.isfinite(value)}
     assert non_finite <= trl_nan_metrics
+
+
+# ---------------------------------------------------------------------------------------------- 7. bad input
+
+# Not a model: these checks must answer before the model loads (a load would raise OSError instead).
+NO_MODEL = "no-such-model"
+
+
+@pytest.mark.parametrize(
+    ("dataset_argument", "name"),
+    [
+        ("train_dataset", "train_dataset"),
+        ("eval_dataset", "eval_dataset"),
+        ("eval_dataset_dict", "eval_dataset['held_out']"),
+    ],
+)
+def test_a_dataset_without_a_prompt_column_raises_before_the_model_loads(
+    prompt_dataset, tmp_path, dataset_argument, name
+):
+    questions = Dataset.from_dict({"question": ["1+1=", "2+2="] * 8, "answer": ["2", "4"] * 8})
+    datasets = {
+        "train_dataset": {"train_dataset": questions},
+        "eval_dataset": {"train_dataset": prompt_dataset, "eval_dataset": questions},
+        "eval_dataset_dict": {"train_dataset": prompt_dataset, "eval_dataset": {"held_out": questions}},
+    }[dataset_argument]
+    args = make_config(trl_plus.GRPOConfig, tmp_path)
+    with pytest.raises(ValueError) as excinfo:
+        trl_plus.GRPOTrainer(NO_MODEL, reward_funcs=digit_reward, args=args, **datasets)
+    assert str(excinfo.value) == (
+        f"`{name}` has no `prompt` column, which the trainer generates from; its columns are ['question', 'answer']. "
+        "Rename the prompt column (e.g. `dataset.rename_column('question', 'prompt')`)."
+    )
+
+
+def test_an_environment_may_supply_the_prompts(tmp_path):
+    args = make_config(trl_plus.GRPOConfig, tmp_path)
+    dataset = Dataset.from_dict({"environment": ["maze"] * 4})
+    trl_plus.GRPOTrainer._check_datasets(args, dataset, None, has_environment=True)  # no `prompt` column needed
+
+
+@pytest.mark.parametrize("num_rows", [0, 3])
+def test_a_dataset_smaller_than_one_generation_batch_raises_before_the_model_loads(tmp_path, num_rows):
+    # 16 rows per generation batch of 4 completions per prompt: one batch takes 4 prompts, and TRL's RepeatSampler
+    # drops a partial batch, so 3 prompts give no step at all.
+    args = make_config(trl_plus.GRPOConfig, tmp_path, per_device_train_batch_size=16)
+    dataset = Dataset.from_dict({"prompt": [f"{a}+1=" for a in range(num_rows)]})
+    with pytest.raises(ValueError) as excinfo:
+        trl_plus.GRPOTrainer(NO_MODEL, reward_funcs=digit_reward, args=args, train_dataset=dataset)
+    assert str(excinfo.value) == (
+        f"`train_dataset` has {num_rows} rows, fewer than the 4 prompts of one generation batch "
+        "(generation_batch_size 16 // num_generations 4, over all processes): training would run 0 steps. Give more "
+        "prompts, or lower per_device_train_batch_size, steps_per_generation or the number of processes."
+    )
+
+
+def test_a_dataset_of_one_generation_batch_trains_one_batch_per_epoch(tiny_model_path, tmp_path):
+    args = make_config(trl_plus.GRPOConfig, tmp_path, per_device_train_batch_size=16)
+    dataset = Dataset.from_dict({"prompt": [f"{a}+1=" for a in range(4)]})
+    trainer = trl_plus.GRPOTrainer(tiny_model_path, reward_funcs=digit_reward, args=args, train_dataset=dataset)
+    assert len(trainer.get_train_dataloader()) == 1
+
+
+@pytest.mark.parametrize(
+    "penalty",
+    [overlong_penalty(8, 4), get_soft_overlong_punishment(8, 2)],
+    ids=["trl_plus", "trl"],
+)
+def test_overlong_penalty_given_twice_raises(prompt_dataset, tmp_path, penalty):
+    args = make_config(trl_plus.GRPOConfig, tmp_path, overlong_buffer_len=4)
+    with pytest.raises(ValueError) as excinfo:
+        trl_plus.GRPOTrainer(NO_MODEL, reward_funcs=[digit_reward, penalty], args=args, train_dataset=prompt_dataset)
+    assert str(excinfo.value) == (
+        "`overlong_buffer_len` is 4, which adds DAPO's overlong penalty to the rewards, and `reward_funcs` already "
+        f"holds one ({type(penalty).__name__}): it would be applied twice. Unset overlong_buffer_len, or remove the "
+        "penalty from reward_funcs."
+    )

@@ -10,12 +10,15 @@ import re
 
 import pytest
 import torch
+import transformers
 import trl
 from conftest import digit_reward, make_config
 from transformers import set_seed
+from trl.rewards import get_soft_overlong_punishment
+from trl.rewards.other_rewards import _SoftOverlongPunishment
 from trl.trainer.utils import RepeatSampler
 
-from trl_plus.trainer.grpo import _MODEL_INPUT_KEYS, TRL_LOSS_TYPES
+from trl_plus.trainer.grpo import _MODEL_INPUT_KEYS, TRL_CHOICES_CHECKED_LATE, TRL_LOSS_TYPES
 
 
 def length_reward(completions, **kwargs):
@@ -110,6 +113,52 @@ def test_repeat_sampler_signature():
         "shuffle",
         "seed",
     ]
+
+
+def test_init_binds_the_datasets_and_environment_by_name():
+    # trl_plus.GRPOTrainer binds its arguments to TRL's signature to check the datasets before the model loads.
+    assert {"train_dataset", "eval_dataset", "environment_factory"} <= set(_parameter_names(trl.GRPOTrainer.__init__))
+
+
+def test_repeat_sampler_drops_a_partial_batch():
+    # A dataset smaller than one batch of prompts gives no batch at all: trl_plus raises for it at construction.
+    assert len(RepeatSampler(range(3), mini_repeat_count=4, batch_size=4)) == 0
+    assert len(RepeatSampler(range(4), mini_repeat_count=4, batch_size=4)) == 16
+    assert len(RepeatSampler(range(7), mini_repeat_count=4, batch_size=4)) == 16
+    assert list(RepeatSampler(range(3), mini_repeat_count=4, batch_size=4, shuffle=False)) == []
+
+
+def test_soft_overlong_punishment_is_an_instance_of_its_class():
+    # trl_plus refuses `overlong_buffer_len` with TRL's penalty already in reward_funcs by this class.
+    assert isinstance(get_soft_overlong_punishment(8, 2), _SoftOverlongPunishment)
+
+
+def test_trl_checks_these_choices_only_where_it_reads_them():
+    # trl_plus.GRPOConfig checks them at construction; each must be a value TRL's step code handles.
+    generate_source = inspect.getsource(trl.GRPOTrainer._generate_and_score_completions)
+    loss_source = inspect.getsource(trl.GRPOTrainer._compute_loss)
+    sources = {
+        "scale_rewards": generate_source,
+        "multi_objective_aggregation": generate_source,
+        "vllm_importance_sampling_mode": generate_source,
+        "importance_sampling_level": loss_source,
+    }
+    for field, source in sources.items():
+        for value in TRL_CHOICES_CHECKED_LATE[field]:
+            if isinstance(value, str):
+                assert f'"{value}"' in source, (field, value)
+
+
+def test_trl_maps_the_boolean_scale_rewards(tmp_path):
+    assert make_config(trl.GRPOConfig, tmp_path, scale_rewards=True).scale_rewards == "group"
+    assert make_config(trl.GRPOConfig, tmp_path, scale_rewards=False).scale_rewards == "none"
+
+
+def test_training_loop_takes_max_steps_from_set_initial_training_values():
+    # PPOTrainer wraps `set_initial_training_values` to check value pretraining against the run's steps.
+    assert _parameter_names(transformers.Trainer.set_initial_training_values) == ["self", "args", "dataloader"]
+    source = inspect.getsource(transformers.Trainer._inner_training_loop)
+    assert re.search(r"max_steps,\s*\) = self\.set_initial_training_values\(args, train_dataloader\)", source)
 
 
 def test_loss_is_scaled_for_gradient_accumulation():

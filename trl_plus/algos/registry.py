@@ -43,6 +43,17 @@ class Registry:
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 
+    def accepting(self, parameter: str) -> list[str]:
+        """The names of the entries whose signature takes `parameter`: those `call_with_supported` passes it to.
+
+        >>> LOSSES = Registry("loss")
+        >>> _ = LOSSES.register("scaled")(lambda x, *, scale=1.0: scale * x)
+        >>> _ = LOSSES.register("plain")(lambda x: x)
+        >>> LOSSES.accepting("scale"), LOSSES.accepting("eps")
+        (['scaled'], [])
+        """
+        return [name for name in self.names() if parameter in inspect.signature(self._entries[name]).parameters]
+
 
 def call_with_supported(fn: Callable, *args, **hyperparameters):
     """Call `fn` with the positional `args` and only the keyword hyperparameters its signature names.

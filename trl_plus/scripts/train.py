@@ -60,9 +60,22 @@ class ScriptArguments(trl.ScriptArguments):
     )
 
 
+class _Parser(TrlParser):
+    """`TrlParser` that asks for the model and the dataset before it builds any config: building the training config
+    runs its own checks (bf16 needs a GPU, ...), whose errors would otherwise come first."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, remaining = super().parse_known_args(args, namespace)
+        if namespace.model_name_or_path is None:
+            self.error("--model_name_or_path is required.")
+        if namespace.dataset_name is None:
+            self.error("--dataset_name is required (a Hub dataset or a local .json/.jsonl/.csv/.parquet file).")
+        return namespace, remaining
+
+
 def make_parser(algorithm: str, prog: str | None = None) -> TrlParser:
     config_class = ALGORITHMS[algorithm].config_class
-    return TrlParser((ScriptArguments, config_class, ModelConfig), prog=prog)
+    return _Parser((ScriptArguments, config_class, ModelConfig), prog=prog)
 
 
 def main(algorithm: str, argv: list[str] | None = None, prog: str | None = None):
@@ -74,10 +87,6 @@ def main(algorithm: str, argv: list[str] | None = None, prog: str | None = None)
         raise ValueError(f"Unknown algorithm {algorithm!r}; valid choices: {list(ALGORITHMS)}.")
     parser = make_parser(algorithm, prog=prog)
     script_args, training_args, model_args = parser.parse_args_and_config(argv)
-    if model_args.model_name_or_path is None:
-        parser.error("--model_name_or_path is required.")
-    if script_args.dataset_name is None:
-        parser.error("--dataset_name is required (a Hub dataset or a local .json/.jsonl/.csv/.parquet file).")
     quantization_config = _quantization_config(model_args, training_args)
 
     reward_names = script_args.reward_funcs or list(ALGORITHMS[algorithm].default_reward_funcs)

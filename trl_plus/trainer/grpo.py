@@ -11,18 +11,20 @@ With default settings nothing here runs: advantages and loss are TRL's own, so t
   `AGGREGATIONS` registries; every other configuration goes to TRL's `_compute_loss` unchanged.
 """
 
+import inspect
 import logging
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 
 import torch
 import trl
 from accelerate.utils import gather_object
-from datasets import IterableDataset
+from datasets import Dataset, IterableDataset
 from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.models.utils import disable_gradient_checkpointing
+from trl.rewards.other_rewards import _SoftOverlongPunishment
 from trl.trainer.utils import RepeatSampler, get_config_model_id
 
 from ..algos import (
@@ -48,6 +50,7 @@ from ..sampling import (
     split_rows,
     stack_rows,
 )
+from .field_types import check_field_types
 from .nonfinite import NonFiniteStepGuard, NonFiniteTrainingError
 
 logger = logging.getLogger(__name__)
@@ -58,6 +61,14 @@ TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "
 _PPO_CLIP_AGGREGATION = {"grpo": "seq_mean_token_mean", "dapo": "token_mean", "dr_grpo": "seq_mean_token_sum_norm"}
 # Loss types trl_plus adds: every registered policy loss except the PPO clip that TRL's types already name.
 NEW_LOSS_TYPES = tuple(name for name in POLICY_LOSSES.names() if name != "ppo_clip")
+# The values of TRL 1.16 fields that TRL checks only at the first step (grpo_trainer.py). `scale_rewards` True / False
+# are TRL's aliases of "group" / "none", mapped in `trl.GRPOConfig.__post_init__`.
+TRL_CHOICES_CHECKED_LATE = {
+    "scale_rewards": ("group", "batch", "none", True, False),
+    "multi_objective_aggregation": ("sum_then_normalize", "normalize_then_sum"),
+    "importance_sampling_level": ("token", "sequence"),
+    "vllm_importance_sampling_mode": ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"),
+}
 SURPLUS_BUFFER_FILE = "dynamic_sampling_buffer.pt"
 # Inputs that `_get_per_token_logps_and_entropies` forwards to multimodal models.
 _MODEL_INPUT_KEYS = (
@@ -77,6 +88,16 @@ _MODEL_INPUT_KEYS = (
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"`{name}` is {value!r}; valid choices: {list(choices)}.")
+
+
+def loss_types_reading(hyperparameter: str) -> list[str]:
+    """The `loss_type` values whose policy loss takes `hyperparameter`, read from the `POLICY_LOSSES` signatures (the
+    trainer passes each loss only what its signature names): 'ppo_clip' is TRL's PPO-clip types."""
+    return [
+        loss_type
+        for name in POLICY_LOSSES.accepting(hyperparameter)
+        for loss_type in (_PPO_CLIP_AGGREGATION if name == "ppo_clip" else [name])
+    ]
 
 
 @dataclass
@@ -182,9 +203,11 @@ class GRPOConfig(trl.GRPOConfig):
     )
 
     def __post_init__(self):
+        check_field_types(self)
         self._validate_choices()
         super().__post_init__()
         self._validate_combinations()
+        self._warn_options_without_effect()
 
     def _validate_choices(self) -> None:
         _check_choice("advantage_estimator", self.advantage_estimator, ADVANTAGES.names())
@@ -192,6 +215,15 @@ class GRPOConfig(trl.GRPOConfig):
         _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS.names())
         if self.loss_aggregation is not None:
             _check_choice("loss_aggregation", self.loss_aggregation, AGGREGATIONS.names())
+        for name, choices in TRL_CHOICES_CHECKED_LATE.items():
+            _check_choice(name, getattr(self, name), choices)
+        if self.beta < 0:
+            raise ValueError(f"`beta` is {self.beta}; valid: >= 0 (0 turns the KL penalty off).")
+        if self.dual_clip_c is not None and self.loss_type not in loss_types_reading("dual_clip_c"):
+            raise ValueError(
+                f"`dual_clip_c` is {self.dual_clip_c}, which loss_type={self.loss_type!r} does not read; valid: "
+                f"loss_type in {loss_types_reading('dual_clip_c')}, or dual_clip_c=None."
+            )
         if self.epsilon < 0:
             raise ValueError(f"`epsilon` must be >= 0, got {self.epsilon}.")
         if self.epsilon_high is not None and self.epsilon_high < 0:
@@ -270,6 +302,39 @@ class GRPOConfig(trl.GRPOConfig):
                 "off-policy tokens. Set num_iterations > 1 or steps_per_generation > gradient_accumulation_steps."
             )
 
+    def _warn_options_without_effect(self) -> None:
+        """Warn about options set away from this class's default that the rest of the config makes no-ops. A preset's
+        own defaults (RLOOConfig's scale_rewards='none') are not the user's choice and do not warn."""
+        reasons = {
+            "dynamic_sampling_strict": None if self.dynamic_sampling else "dynamic_sampling is False",
+            "max_num_gen_batches": None if self.dynamic_sampling else "dynamic_sampling is False",
+            "overlong_penalty_factor": (
+                None if self.overlong_buffer_len is not None else "overlong_buffer_len is None (no overlong shaping)"
+            ),
+            "scale_rewards": self._scale_rewards_ignored_because,
+        }
+        for name in self.__dataclass_fields__.keys() - trl.GRPOConfig.__dataclass_fields__.keys():
+            loss_types = loss_types_reading(name)  # the hyperparameters of registered policy losses
+            if loss_types and self.loss_type not in loss_types:  # (dual_clip_c raised in `_validate_choices`)
+                reasons[name] = f"only loss_type in {loss_types} reads it, and loss_type is {self.loss_type!r}"
+        for name, reason in sorted(reasons.items()):
+            if reason is not None and self._differs_from_default(name):
+                logger.warning(f"`{name}` is {getattr(self, name)!r} but has no effect: {reason}.")
+
+    @property
+    def _scale_rewards_ignored_because(self) -> str | None:
+        """Why TRL's reward scaling is not applied, or None when it is (TRL's GRPO advantages of summed rewards)."""
+        if self.advantage_estimator != "grpo":
+            return f"only advantage_estimator='grpo' scales rewards, and it is {self.advantage_estimator!r}"
+        if self.multi_objective_aggregation != "sum_then_normalize":
+            return "multi_objective_aggregation='normalize_then_sum' normalizes each reward itself"
+        return None
+
+    def _differs_from_default(self, name: str) -> bool:
+        config_field = self.__dataclass_fields__[name]
+        has_factory = config_field.default_factory is not MISSING
+        return getattr(self, name) != (config_field.default_factory() if has_factory else config_field.default)
+
     @property
     def registry_policy_loss(self) -> str | None:
         """The `POLICY_LOSSES` entry the loss is computed with, or None when TRL's `_compute_loss` computes it."""
@@ -314,13 +379,22 @@ class GRPOTrainer(trl.GRPOTrainer):
                 f"{type(self).__name__} needs a trl_plus config (e.g. trl_plus.{self.config_class.__name__}), got "
                 f"{type(args).__module__}.{type(args).__name__}."
             )
+        trl_arguments = (
+            inspect.signature(trl.GRPOTrainer.__init__)
+            .bind(self, model, reward_funcs, args, *positional, **kwargs)
+            .arguments
+        )
+        self._check_datasets(
+            args,
+            trl_arguments.get("train_dataset"),
+            trl_arguments.get("eval_dataset"),
+            has_environment=trl_arguments.get("environment_factory") is not None,
+        )
         if args.overlong_buffer_len is not None:
             reward_funcs = self._with_overlong_penalty(reward_funcs, args)
         super().__init__(model, reward_funcs, args, *positional, **kwargs)
         if args.advantage_estimator == "remax" and self.tools:
             raise ValueError("advantage_estimator='remax' does not support tool calling: greedy rows are by position.")
-        if args.dynamic_sampling and isinstance(self.train_dataset, IterableDataset):
-            raise ValueError("`dynamic_sampling=True` draws extra prompts by index: use a map-style `Dataset`.")
         self._last_rewards_per_func = None
         process_rewards = [func for func in self.reward_funcs if isinstance(func, ProcessReward)]
         if len(process_rewards) > 1 or (process_rewards and args.advantage_estimator != "grpo"):
@@ -357,9 +431,45 @@ class GRPOTrainer(trl.GRPOTrainer):
         }
 
     @staticmethod
+    def _check_datasets(args: GRPOConfig, train_dataset, eval_dataset, has_environment: bool) -> None:
+        """Raise, before the model loads, for datasets that TRL would fail on at the first step (no `prompt` column)
+        or train 0 steps on (fewer prompts than one generation batch) without a word."""
+        if not has_environment:  # an environment's `reset()` may supply the prompts instead
+            eval_datasets = eval_dataset.items() if isinstance(eval_dataset, dict) else [(None, eval_dataset)]
+            named = [("train_dataset", train_dataset)]
+            named += [("eval_dataset" if key is None else f"eval_dataset[{key!r}]", ds) for key, ds in eval_datasets]
+            for name, dataset in named:
+                columns = getattr(dataset, "column_names", None)  # None for an iterable dataset of unknown features
+                if columns is not None and "prompt" not in columns:
+                    raise ValueError(
+                        f"`{name}` has no `prompt` column, which the trainer generates from; its columns are "
+                        f"{columns}. Rename the prompt column (e.g. `dataset.rename_column('question', 'prompt')`)."
+                    )
+        # TRL's RepeatSampler draws generation_batch_size // num_generations prompts per generation batch (over all
+        # processes) and drops a last partial batch, so a smaller dataset gives no batch at all.
+        prompts_per_batch = args.generation_batch_size // args.num_generations
+        if isinstance(train_dataset, Dataset) and len(train_dataset) < prompts_per_batch:
+            raise ValueError(
+                f"`train_dataset` has {len(train_dataset)} rows, fewer than the {prompts_per_batch} prompts of one "
+                f"generation batch (generation_batch_size {args.generation_batch_size} // num_generations "
+                f"{args.num_generations}, over all processes): training would run 0 steps. Give more prompts, or "
+                "lower per_device_train_batch_size, steps_per_generation or the number of processes."
+            )
+        if args.dynamic_sampling and isinstance(train_dataset, IterableDataset):
+            raise ValueError("`dynamic_sampling=True` draws extra prompts by index: use a map-style `Dataset`.")
+
+    @staticmethod
     def _with_overlong_penalty(reward_funcs, args: GRPOConfig) -> list:
         """Append DAPO's overlong penalty to the reward functions, with weight 1 if the user gave weights."""
         reward_funcs = list(reward_funcs) if isinstance(reward_funcs, list | tuple) else [reward_funcs]
+        penalties = (OverlongPenalty, _SoftOverlongPunishment)  # trl_plus's, and TRL's `get_soft_overlong_punishment`
+        given = [type(func).__name__ for func in reward_funcs if isinstance(func, penalties)]
+        if given:
+            raise ValueError(
+                f"`overlong_buffer_len` is {args.overlong_buffer_len}, which adds DAPO's overlong penalty to the "
+                f"rewards, and `reward_funcs` already holds one ({', '.join(given)}): it would be applied twice. "
+                "Unset overlong_buffer_len, or remove the penalty from reward_funcs."
+            )
         if args.reward_weights is not None and len(args.reward_weights) == len(reward_funcs):
             args.reward_weights = [*args.reward_weights, 1.0]
         penalty = OverlongPenalty(args.max_completion_length, args.overlong_buffer_len, args.overlong_penalty_factor)

@@ -73,6 +73,7 @@ from ..algos.value import (
     kl_shaped_token_rewards,
     length_adaptive_lambda,
 )
+from .field_types import check_field_types
 from .grpo import GRPOConfig, GRPOTrainer
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,17 @@ VALUE_HEAD = "value_head"  # attribute of the trained model holding the LoRA cri
 VALUE_MODEL = "value_model"  # attribute of the trained model holding a separate critic
 VALUE_HEAD_FILE = "value_head.safetensors"  # saved in the critic adapter's folder, `critic/`
 PPO_STATE_FILE = "ppo_state.json"
+
+
+def _check_policy_is_trained(value_pretrain_steps: int, num_steps: int, steps_source: str) -> None:
+    """Raise when value pretraining takes every one of the run's `num_steps` optimizer steps (`steps_source` says
+    which setting gives them), so that the policy would never be updated."""
+    if value_pretrain_steps >= num_steps:
+        raise ValueError(
+            f"`value_pretrain_steps` is {value_pretrain_steps} and {steps_source}: every optimizer step would train "
+            "only the critic and the policy would never be updated. Set value_pretrain_steps below the number of "
+            "steps (0 turns value pretraining off), or train for more steps."
+        )
 
 
 class _GroupSizeForTRLCheck(int):
@@ -207,6 +219,7 @@ class PPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        check_field_types(self)  # before the checks below compare values; GRPOConfig's __post_init__ repeats it
         if self.beta == 0.0:  # no KL: where it would go and how it would be estimated do not apply
             self.kl_in_reward, self.kl_estimator = False, "k3"
         self._validate_ppo()
@@ -260,6 +273,8 @@ class PPOConfig(GRPOConfig):
         )
         check(self.kl_horizon > 0, f"`kl_horizon` must be > 0, got {self.kl_horizon}.")
         check(self.value_pretrain_steps >= 0, f"`value_pretrain_steps` must be >= 0, got {self.value_pretrain_steps}.")
+        if self.max_steps > 0:  # epoch-based runs: `PPOTrainer.set_initial_training_values` checks it
+            _check_policy_is_trained(self.value_pretrain_steps, self.max_steps, f"`max_steps` is {self.max_steps}")
         check(self.positive_lm_coef >= 0, f"`positive_lm_coef` must be >= 0, got {self.positive_lm_coef}.")
         for name in ("critic_lora_r", "critic_lora_alpha"):
             check(getattr(self, name) is None or getattr(self, name) > 0, f"`{name}` must be > 0 or None.")
@@ -282,6 +297,10 @@ class PPOConfig(GRPOConfig):
             "PPOTrainer does not support use_vllm yet: vLLM's weight sync would also send the critic's modules "
             "(value head / value model), which vLLM does not know.",
         )
+
+    @property
+    def _scale_rewards_ignored_because(self) -> str | None:
+        return "PPO's advantages are GAE's, from the critic (see whiten_advantages)"
 
 
 @dataclass
@@ -518,6 +537,17 @@ class PPOTrainer(GRPOTrainer):
         for param, grad in zip(self._critic_params, grads, strict=True):
             param.grad = flat[offset : offset + grad.numel()].view_as(param).to(param.dtype)
             offset += grad.numel()
+
+    def set_initial_training_values(self, args, dataloader):
+        values = super().set_initial_training_values(args, dataloader)
+        num_steps = values[-1]  # the run's optimizer steps, known from here on (from the epochs when max_steps <= 0)
+        steps_source = (
+            f"`max_steps` is {num_steps}"
+            if args.max_steps > 0
+            else f"`num_train_epochs={args.num_train_epochs}` makes {num_steps} optimizer steps"
+        )
+        _check_policy_is_trained(args.value_pretrain_steps, num_steps, steps_source)
+        return values
 
     # ------------------------------------------------------------------ rollout: values, token rewards, GAE
     def _in_value_pretraining(self) -> bool:
