@@ -39,12 +39,24 @@ value loss), `value/clipfrac` (tokens where the clipped term is larger), `value/
 KL, when it is in the reward), `kl/beta` (the beta that shaped the rollout), `ppo/approx_kl` ((r - 1) - log r, the
 update policy against the sampling one), `ppo/clipfrac` (tokens whose ratio r is outside [1 - eps_low, 1 + eps_high]),
 `value/pretraining` (1 while the policy is frozen) and, with `positive_lm_coef > 0`, `positive_lm/loss` (the NLL of
-positive completions) and `positive_lm/fraction` (their share of the rollout).
+positive completions) and `positive_lm/fraction` (their share of the rollout). The critic's readiness, per rollout:
+`value/td_error_std` (the spread of the one-step TD errors r_t + gamma V_{t+1} - V_t), `value/advantage_std` (the
+spread of the GAE advantages before whitening: whitening scales them to std 1, however little of them is signal) and
+`value/lambda_policy` (the mean policy lambda); once, when value pretraining ends, `value/pretraining_steps` (the
+critic-only optimizer steps) and `value/pretraining_explained_variance` (the readiness window's mean then). A policy
+trained on a critic with negative explained variance (worse than predicting the mean return) gets a warning, at
+most once every 100 steps.
+
+Value pretraining (VAPO, VC-PPO arXiv 2503.01491): while it lasts, optimizer steps train only the critic, on
+Monte-Carlo returns of the frozen initial policy. It ends when the critic is ready (the mean explained variance of
+the last `value_pretrain_window` rollouts >= `value_pretrain_threshold`) or at `value_pretrain_steps`, the cap, with a
+warning (`value_pretrain_strict`: an error) when the critic is not ready then. The decision rests on globally
+reduced values, so every process takes it at the same step, and it is saved in `ppo_state.json`.
 
 VAPO (arXiv 2504.05118) is the same trainer with other defaults (`VAPOConfig`): decoupled GAE (lambda_critic = 1,
-lambda_policy = 0.95, or length-adaptive 1 - 1 / (alpha * length) with alpha = 0.05), value pretraining (the first
-`value_pretrain_steps` optimizer steps train only the critic, on Monte-Carlo returns), a positive-example LM loss
-(mu = 0.1), Clip-Higher (0.2 / 0.28), token-level loss and several samples per prompt.
+lambda_policy = 0.95, or length-adaptive max(1 - 1 / (alpha * length), 0.95) with alpha = 0.05), value pretraining
+(at most 50 steps), a critic learning rate twice the actor's, a positive-example LM loss (mu = 0.1), Clip-Higher
+(0.2 / 0.28), token-level loss and several samples per prompt.
 """
 
 import copy
@@ -639,7 +651,8 @@ class PPOTrainer(GRPOTrainer):
         )
         if self.args.value_pretrain_strict:
             raise RuntimeError(message + " (value_pretrain_strict=True)")
-        logger.warning(message)
+        if self.accelerator.is_main_process:
+            logger.warning(message)
 
     def _log_value_pretraining_end(self) -> None:
         schedule = self._value_pretraining
@@ -647,7 +660,7 @@ class PPOTrainer(GRPOTrainer):
         metrics["value/pretraining_steps"].append(float(schedule.end_step))
         if schedule.end_explained_variance is not None:
             metrics["value/pretraining_explained_variance"].append(schedule.end_explained_variance)
-        if schedule.ready and self.args.value_pretrain_threshold is not None:
+        if schedule.ready and self.args.value_pretrain_threshold is not None and self.accelerator.is_main_process:
             logger.info(
                 f"Value pretraining ended after {schedule.end_step} step(s): the critic's explained variance over the "
                 f"last {schedule.window} rollouts is {schedule.end_explained_variance:.3f} >= "
@@ -669,15 +682,16 @@ class PPOTrainer(GRPOTrainer):
         last = self._negative_explained_variance_warned_at
         if last is not None and step - last < NEGATIVE_EXPLAINED_VARIANCE_WARNING_EVERY:
             return
-        logger.warning(
-            f"Step {step + 1}: the policy trains on a critic whose explained variance is {explained_variance:.3f} < 0 "
-            f"({self._negative_explained_variance_rollouts} such rollout(s) since the last warning): its values "
-            "predict the returns worse than their mean, so the GAE advantages follow the critic's errors (see "
-            "`value/td_error_std`, `value/advantage_std`). Consider value pretraining (value_pretrain_steps), a "
-            "higher critic_learning_rate(_ratio) or a larger `lam`."
-        )
         self._negative_explained_variance_warned_at = step
-        self._negative_explained_variance_rollouts = 0
+        rollouts, self._negative_explained_variance_rollouts = self._negative_explained_variance_rollouts, 0
+        if self.accelerator.is_main_process:
+            logger.warning(
+                f"Step {step + 1}: the policy trains on a critic whose explained variance is {explained_variance:.3f} "
+                f"< 0 ({rollouts} such rollout(s) since the last warning): its values predict the returns worse than "
+                "their mean, so the GAE advantages follow the critic's errors (see `value/td_error_std`, "
+                "`value/advantage_std`). Consider value pretraining (value_pretrain_steps), a higher "
+                "critic_learning_rate(_ratio) or a larger `lam`."
+            )
 
     @property
     def _replaces_trl_advantages(self) -> bool:
