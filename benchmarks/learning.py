@@ -233,6 +233,15 @@ def run_one(job: dict) -> dict:
     rounds = [
         entry["dynamic_sampling/rounds"] for entry in trainer.state.log_history if "dynamic_sampling/rounds" in entry
     ]
+    # PPO / VAPO: when value pretraining ended (optimizer steps of critic-only training) and the critic's explained
+    # variance then (the readiness window's mean), logged once by the trainer.
+    pretraining = {
+        key: next((entry[metric] for entry in trainer.state.log_history if metric in entry), None)
+        for key, metric in (
+            ("steps", "value/pretraining_steps"),
+            ("explained_variance", "value/pretraining_explained_variance"),
+        )
+    }
     return {
         "algo": spec.name,
         "seed": job["seed"],
@@ -242,6 +251,7 @@ def run_one(job: dict) -> dict:
         "train_seconds": budget.train_seconds,
         "seconds": time.perf_counter() - started,
         "rounds": statistics.fmean(rounds) if rounds else None,
+        "value_pretraining": pretraining if pretraining["steps"] is not None else None,
     }
 
 
@@ -451,10 +461,12 @@ def main(argv: list[str] | None = None) -> None:
             results.append(result)
             every = max(1, len(result["curve"]) // 10)
             curve = " ".join(f"{value:.0%}" for _, value in result["curve"][::every])
+            pretraining = result.get("value_pretraining")
+            pretraining = f", value pretraining {_pretraining_text(pretraining)}" if pretraining else ""
             print(
                 f"#   [{index}/{len(jobs)}] seed {result['seed']} {result['algo']}: {result['curve'][0][1]:.1%} -> "
                 f"{result['curve'][-1][1]:.1%}, {result['samples']:,} samples, {result['steps']} steps, "
-                f"{result['seconds']:.0f} s  [{curve}]",
+                f"{result['seconds']:.0f} s{pretraining}  [{curve}]",
                 flush=True,
             )
     work_dir.cleanup()
@@ -473,6 +485,15 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         if row["rounds"] is not None:
             notes.append(f"{row['algo']}: dynamic sampling made {row['rounds']:.2f} generation rounds per step.")
+    for algo in algos:
+        runs = sorted((run for run in results if run["algo"] == algo and run.get("value_pretraining")), key=_seed)
+        if runs:
+            notes.append(
+                f"{algo}: value pretraining ended (steps of critic-only training; the critic's explained variance "
+                "then, mean of the readiness window) per seed: "
+                + ", ".join(f"seed {run['seed']} {_pretraining_text(run['value_pretraining'])}" for run in runs)
+                + "."
+            )
     for row in rows:
         if row["gain"] < 0:
             notes.append(f"{row['algo']} ends below its warm start ({100 * row['gain']:+.1f} points on average).")
@@ -511,6 +532,16 @@ def main(argv: list[str] | None = None) -> None:
         ):
             if update_readme(readme, report(image)):
                 print(f"Updated {readme}.")
+
+
+def _seed(run: dict) -> int:
+    return run["seed"]
+
+
+def _pretraining_text(pretraining: dict) -> str:
+    explained_variance = pretraining["explained_variance"]
+    explained_variance = "n/a" if explained_variance is None else f"{explained_variance:.2f}"
+    return f"after {pretraining['steps']:.0f} steps (explained variance {explained_variance})"
 
 
 def cpu_model() -> str:

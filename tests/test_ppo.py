@@ -138,6 +138,13 @@ def test_config_allows_one_sample_per_prompt_and_grpo_still_refuses(tmp_path):
     assert (defaults.lam_critic, defaults.length_adaptive_alpha) == (None, None)
     assert (defaults.whiten_advantages, defaults.vf_coef, defaults.cliprange_value) == (True, 0.1, 0.2)
     assert (defaults.value_model, defaults.value_pretrain_steps, defaults.positive_lm_coef) == (None, 0, 0.0)
+    assert (defaults.value_pretrain_threshold, defaults.value_pretrain_window, defaults.value_pretrain_strict) == (
+        0.5,
+        5,
+        False,
+    )
+    assert (defaults.critic_learning_rate, defaults.critic_learning_rate_ratio) == (None, None)
+    assert defaults.length_adaptive_min_lambda is None  # the floor is `lam`
     assert defaults.registry_policy_loss == "ppo_clip"  # KL in the reward: the registry's PPO clip, no loss KL
 
 
@@ -155,6 +162,12 @@ def test_config_allows_one_sample_per_prompt_and_grpo_still_refuses(tmp_path):
         ({"kl_target": -1.0}, "kl_target"),
         ({"kl_horizon": 0.0}, "kl_horizon"),
         ({"value_pretrain_steps": -1}, "value_pretrain_steps"),
+        ({"value_pretrain_threshold": 1.5}, r"`value_pretrain_threshold` is 1.5; valid: an explained variance in \["),
+        ({"value_pretrain_threshold": -0.1}, "`value_pretrain_threshold` is -0.1; valid"),
+        ({"value_pretrain_window": 0}, "`value_pretrain_window` is 0; valid: a number of rollouts >= 1"),
+        ({"length_adaptive_min_lambda": 1.5}, r"`length_adaptive_min_lambda` is 1.5; valid: a lambda in \[0, 1\]"),
+        ({"critic_learning_rate_ratio": 0.0}, "`critic_learning_rate_ratio` is 0.0; valid: a finite number > 0"),
+        ({"critic_learning_rate_ratio": float("inf")}, "`critic_learning_rate_ratio` is inf; valid"),
         ({"positive_lm_coef": -0.1}, "positive_lm_coef"),
         ({"critic_lora_r": 0}, "critic_lora_r"),
         ({"advantage_estimator": "rloo", "num_generations": 2}, "GAE"),
@@ -215,21 +228,28 @@ def test_vapo_config_has_the_papers_defaults_and_only_changes_defaults(tmp_path)
     assert isinstance(args, PPOConfig)
     assert (args.lam_critic, args.lam, args.length_adaptive_alpha) == (1.0, 0.95, 0.05)
     assert (args.value_pretrain_steps, args.positive_lm_coef, args.positive_reward_threshold) == (50, 0.1, 0.0)
+    # The critic warm-up: ready at explained variance 0.5 over 5 rollouts, at most the paper's 50 steps; the critic's
+    # learning rate twice the actor's (arXiv 2504.05118: 1e-6 / 2e-6); short completions keep lambda >= lam.
+    assert (args.value_pretrain_threshold, args.value_pretrain_window, args.value_pretrain_strict) == (0.5, 5, False)
+    assert (args.critic_learning_rate, args.critic_learning_rate_ratio) == (None, 2.0)
+    assert args.length_adaptive_min_lambda is None
     assert (args.epsilon, args.epsilon_high, args.loss_type, args.num_generations) == (0.2, 0.28, "dapo", 4)
     assert (args.beta, args.kl_in_reward) == (0.0, False)
     assert set(VAPOConfig.__dataclass_fields__) == set(PPOConfig.__dataclass_fields__)
     assert VAPOTrainer.config_class is VAPOConfig and issubclass(VAPOTrainer, PPOTrainer)
 
 
-def test_vapo_warns_when_every_completion_is_too_short_for_length_adaptive_lambda(tmp_path, caplog):
-    # alpha = 0.05: lambda_policy = 1 - 1 / (0.05 * l) <= 0 for every l <= 20 tokens.
+def test_vapo_warns_when_every_completion_is_too_short_for_the_bare_length_adaptive_lambda(tmp_path, caplog):
+    # alpha = 0.05: 1 - 1 / (0.05 * l) <= 0 for every l <= 20 tokens; only without the floor (min lambda 0) does every
+    # completion then get lambda_policy = 0.
     settings = {"value_pretrain_steps": 1}  # below make_config's max_steps=2, which VAPO's 50 would take whole
     with caplog.at_level(logging.WARNING, logger="trl_plus"):
-        make_config(VAPOConfig, tmp_path, max_completion_length=20, **settings)
+        make_config(VAPOConfig, tmp_path, max_completion_length=20, length_adaptive_min_lambda=0.0, **settings)
     assert any("length_adaptive_alpha=0.05" in record.getMessage() for record in caplog.records)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="trl_plus"):
-        make_config(VAPOConfig, tmp_path, max_completion_length=21, **settings)
+        make_config(VAPOConfig, tmp_path, max_completion_length=20, **settings)  # default floor: lambda = lam = 0.95
+        make_config(VAPOConfig, tmp_path, max_completion_length=21, length_adaptive_min_lambda=0.0, **settings)
         make_config(VAPOConfig, tmp_path, max_completion_length=8, length_adaptive_alpha=None, **settings)
     assert not any("length_adaptive_alpha" in record.getMessage() for record in caplog.records)
 
@@ -403,9 +423,11 @@ def test_rollout_advantages_are_whitened_gae_of_kl_shaped_rewards(tiny_model_pat
     assert metrics["kl"][-1] == pytest.approx((kl.sum() / mask.sum()).item(), abs=1e-5)
 
 
-def test_vapo_gae_is_decoupled_and_length_adaptive(tiny_model_path, dataset, tmp_path):
+@pytest.mark.parametrize("min_lambda", [0.0, 0.6])
+def test_vapo_gae_is_decoupled_and_length_adaptive(tiny_model_path, dataset, tmp_path, min_lambda):
     """Value targets use lambda_critic = 1 (Monte-Carlo: with gamma 1 and no KL, the score on every token); policy
-    advantages use lambda = 1 - 1/(alpha * length) per completion (alpha 0.5 here, so 8 tokens give 0.75)."""
+    advantages use lambda = max(1 - 1/(alpha * length), min_lambda) per completion (alpha 0.5 here, so 8 tokens give
+    0.75, 4 give 0.5 and 2 give 0; the floor 0.6 lifts the last two)."""
     alpha = 0.5
     trainer = make_trainer(
         tiny_model_path,
@@ -415,6 +437,7 @@ def test_vapo_gae_is_decoupled_and_length_adaptive(tiny_model_path, dataset, tmp
         num_generations=2,
         value_pretrain_steps=0,
         length_adaptive_alpha=alpha,
+        length_adaptive_min_lambda=min_lambda,
         whiten_advantages=False,
         mask_truncated_completions=False,
     )
@@ -422,12 +445,50 @@ def test_vapo_gae_is_decoupled_and_length_adaptive(tiny_model_path, dataset, tmp
     mask = batch["completion_mask"].float()
     scores = batch["scores"]
     assert_close(batch["returns"], scores.unsqueeze(1) * mask, atol=1e-6, rtol=0)
-    lambdas = length_adaptive_lambda(mask.sum(-1), alpha)
-    assert ((lambdas > 0) & (lambdas < 1)).any()
+    lambdas = (1 - 1 / (alpha * mask.sum(-1))).clamp(min=min_lambda, max=1.0)
+    assert_close(length_adaptive_lambda(mask.sum(-1), alpha, min_lambda), lambdas)
+    assert ((lambdas > min_lambda) & (lambdas < 1)).any()
     advantages, _ = kl_free_gae(batch, lambdas)
     assert_close(batch["advantages"], advantages, atol=1e-6, rtol=1e-6)
     single_lambda, _ = kl_free_gae(batch, 0.95)
     assert (single_lambda - advantages).abs().max() > 1e-3  # length-adaptive differs from the plain 0.95
+    assert trainer._metrics["train"]["value/lambda_policy"][-1] == pytest.approx(lambdas.mean().item(), abs=1e-6)
+
+
+def test_vapo_default_floor_keeps_short_completions_at_lam(tiny_model_path, dataset, tmp_path):
+    """At VAPO's alpha = 0.05, completions of at most 8 tokens get 1 - 1/(0.05 * l) <= -1.5: the default floor
+    (`lam` = 0.95) gives them GAE with 0.95, not one-step TD errors."""
+    trainer = make_trainer(
+        tiny_model_path,
+        dataset,
+        tmp_path,
+        VAPOConfig,
+        num_generations=2,
+        value_pretrain_steps=0,
+        whiten_advantages=False,
+    )
+    batch = rollout(trainer)
+    advantages, _ = kl_free_gae(batch, 0.95)
+    assert_close(batch["advantages"], advantages, atol=1e-6, rtol=1e-6)
+    assert trainer._metrics["train"]["value/lambda_policy"] == [pytest.approx(0.95)]
+
+
+def test_rollout_logs_the_critics_readiness(tiny_model_path, dataset, tmp_path):
+    """value/td_error_std is the spread of the one-step TD errors delta_t = r_t + V_{t+1} - V_t, value/advantage_std
+    that of the GAE advantages before whitening, both population stds over the valid tokens."""
+    trainer = make_trainer(tiny_model_path, dataset, tmp_path, beta=0.0, lam=0.5)
+    batch = rollout(trainer)
+    valid = batch["completion_mask"].bool()
+    td_errors, _ = kl_free_gae(batch, 0.0)
+    advantages, _ = kl_free_gae(batch, 0.5)
+    metrics = trainer._metrics["train"]
+    assert metrics["value/td_error_std"] == [pytest.approx(td_errors[valid].std(unbiased=False).item(), abs=1e-5)]
+    assert metrics["value/advantage_std"] == [pytest.approx(advantages[valid].std(unbiased=False).item(), abs=1e-5)]
+    assert metrics["value/advantage_std"][0] > 0.01  # the whitened advantages (std 1) are not what is logged
+    assert metrics["value/lambda_policy"] == [0.5]
+    # The global std by hand: the valid values 1 and 3 have mean 2 and population std 1 (9 is padding).
+    std = trainer._global_masked_std(torch.tensor([[1.0, 3.0, 9.0]]), torch.tensor([[1.0, 1.0, 0.0]]))
+    assert std == pytest.approx(1.0)
 
 
 def test_value_pretraining_fits_monte_carlo_returns(tiny_model_path, dataset, tmp_path):
@@ -482,6 +543,25 @@ def test_adaptive_kl_controller_follows_the_rollout_kl(tiny_model_path, dataset,
     assert trainer.beta == pytest.approx(expected.value, rel=1e-6)
     assert abs(expected.value - beta) > 1e-3  # the KL is far above the target: beta moved
     assert trainer._metrics["train"]["kl/beta"] == [beta]  # the beta that shaped this rollout
+
+
+@pytest.mark.parametrize(
+    ("config_class", "overrides", "critic_lr"),
+    [
+        (VAPOConfig, {}, 2e-3),  # VAPO: twice the actor's
+        (VAPOConfig, {"critic_learning_rate": 5e-3}, 5e-3),  # an explicit rate wins over the ratio
+        (PPOConfig, {"critic_learning_rate_ratio": 3.0}, 3e-3),
+        (PPOConfig, {}, 1e-3),  # PPO: the actor's
+    ],
+)
+def test_critic_learning_rate_ratio(tiny_model_path, dataset, tmp_path, config_class, overrides, critic_lr):
+    trainer = make_trainer(
+        tiny_model_path, dataset, tmp_path, config_class, num_generations=2, learning_rate=1e-3, **overrides
+    )
+    optimizer = trainer.create_optimizer()
+    critic_ids = {id(param) for param in trainer._critic_params}
+    rates = {(id(param) in critic_ids, group["lr"]) for group in optimizer.param_groups for param in group["params"]}
+    assert sorted(rates) == [(False, 1e-3), (True, pytest.approx(critic_lr))]
 
 
 def test_critic_learning_rate_gets_its_own_parameter_groups(tiny_model_path, dataset, tmp_path):
@@ -589,6 +669,151 @@ def test_vapo_run_freezes_the_policy_until_pretraining_ends(tiny_model_path, dat
     assert all(0 <= f <= 1 for f in fractions) and any(0 < f < 1 for f in fractions)
     explained_variance = logged(trainer, "value/explained_variance")
     assert sum(explained_variance[-3:]) / 3 > sum(explained_variance[:3]) / 3 + 0.3
+
+
+class ScriptedCriticPPOTrainer(PPOTrainer):
+    """Reports `script[global_step]` as the explained variance of each training rollout (the readiness check's input;
+    one rollout per optimizer step here), so the step where the critic gets ready is known in advance. Keyed by the
+    step, a resumed run sees the same values as an uninterrupted one."""
+
+    script: tuple[float, ...] = ()
+
+    def _global_explained_variance(self, values, returns, mask):
+        measured = super()._global_explained_variance(values, returns, mask)
+        if not self.model.training:
+            return measured
+        return self.script[min(self.state.global_step, len(self.script) - 1)]
+
+
+def scripted_trainer(model_path, dataset, output_dir, script, config_class=VAPOConfig, peft_config=None, **overrides):
+    settings = dict(num_generations=2, per_device_train_batch_size=16, reward=centered_letter_reward)
+    settings.update(overrides)
+    reward = settings.pop("reward")
+    args = make_config(config_class, output_dir, **settings)
+    trainer_class = type("Scripted", (ScriptedCriticPPOTrainer,), {"script": tuple(script)})
+    return trainer_class(
+        model_path, reward_funcs=reward, args=args, train_dataset=dataset, peft_config=peft_config or lora()
+    )
+
+
+@pytest.mark.parametrize(
+    ("threshold", "pretraining_steps", "window_mean"),
+    [
+        # Window 2 over the scripted 0.1, 0.6, 0.7, 0.9: means -, 0.35, 0.65, 0.8. At 0.5 the rollout of step 3
+        # (global step 2) makes the critic ready: 2 critic-only steps, the policy trains from step 3 on.
+        (0.5, 2, 0.65),
+        (0.66, 3, 0.8),  # 0.65 is not enough: one more step of pretraining
+    ],
+)
+def test_value_pretraining_ends_when_the_critic_is_ready(
+    tiny_model_path, dataset, tmp_path, threshold, pretraining_steps, window_mean
+):
+    steps = 6
+    trainer = scripted_trainer(
+        tiny_model_path,
+        dataset,
+        tmp_path,
+        [0.1, 0.6, 0.7, 0.9],
+        value_pretrain_steps=5,
+        value_pretrain_threshold=threshold,
+        value_pretrain_window=2,
+        max_steps=steps,
+    )
+    recorder = PolicyRecorder()
+    trainer.add_callback(recorder)
+    initial = roles(trainer)["policy"]
+    trainer.train()
+    assert logged(trainer, "value/pretraining") == [1.0] * pretraining_steps + [0.0] * (steps - pretraining_steps)
+    for step, weights in enumerate(recorder.steps, start=1):
+        changed = max((weights[n] - t).abs().max().item() for n, t in initial.items())
+        assert (changed == 0.0) == (step <= pretraining_steps), (step, changed)
+    # Logged once, in the step whose rollout made the critic ready (the first policy step).
+    assert logged(trainer, "value/pretraining_steps") == [pretraining_steps]
+    assert logged(trainer, "value/pretraining_explained_variance") == [pytest.approx(window_mean)]
+    assert "value/pretraining_steps" in trainer.state.log_history[pretraining_steps]
+    schedule = trainer._value_pretraining
+    assert (schedule.end_step, schedule.ready) == (pretraining_steps, True)
+
+
+def test_value_pretraining_cap_warns_when_the_critic_is_not_ready(tiny_model_path, dataset, tmp_path, caplog):
+    trainer = scripted_trainer(
+        tiny_model_path, dataset, tmp_path, [0.1], value_pretrain_steps=2, value_pretrain_window=2, max_steps=3
+    )
+    with caplog.at_level(logging.WARNING, logger="trl_plus"):
+        trainer.train()
+    assert logged(trainer, "value/pretraining") == [1.0, 1.0, 0.0]  # the cap: the policy starts anyway
+    warnings = [record.getMessage() for record in caplog.records if "not ready" in record.getMessage()]
+    assert len(warnings) == 1 and "value_pretrain_steps=2" in warnings[0] and "averages 0.100" in warnings[0]
+    assert logged(trainer, "value/pretraining_steps") == [2]
+    assert (trainer._value_pretraining.end_step, trainer._value_pretraining.ready) == (2, False)
+
+
+def test_value_pretraining_strict_raises_at_the_cap(tiny_model_path, dataset, tmp_path):
+    trainer = scripted_trainer(
+        tiny_model_path, dataset, tmp_path, [0.1], value_pretrain_steps=2, value_pretrain_strict=True, max_steps=3
+    )
+    recorder = PolicyRecorder()
+    trainer.add_callback(recorder)
+    with pytest.raises(RuntimeError, match="not ready.*value_pretrain_strict=True"):
+        trainer.train()
+    assert len(recorder.steps) == 2  # raised before the first policy update
+
+
+def test_fixed_value_pretraining_without_a_threshold_does_not_warn(tiny_model_path, dataset, tmp_path, caplog):
+    trainer = scripted_trainer(
+        tiny_model_path, dataset, tmp_path, [0.9], value_pretrain_steps=2, value_pretrain_threshold=None, max_steps=3
+    )
+    with caplog.at_level(logging.WARNING, logger="trl_plus"):
+        trainer.train()
+    assert logged(trainer, "value/pretraining") == [1.0, 1.0, 0.0]  # 0.9 would have been ready: a fixed count
+    assert not any("not ready" in record.getMessage() for record in caplog.records)
+    assert logged(trainer, "value/pretraining_steps") == [2]
+
+
+def test_policy_on_a_critic_worse_than_none_warns_once(tiny_model_path, dataset, tmp_path, caplog):
+    """Explained variance < 0 at every rollout of a 4-step PPO run: one warning (then at most one every 100 steps)."""
+    trainer = scripted_trainer(tiny_model_path, dataset, tmp_path, [-0.4], PPOConfig, max_steps=4)
+    with caplog.at_level(logging.WARNING, logger="trl_plus"):
+        trainer.train()
+    warnings = [record.getMessage() for record in caplog.records if "worse than their mean" in record.getMessage()]
+    assert len(warnings) == 1 and "-0.400 < 0" in warnings[0] and warnings[0].startswith("Step 1:")
+    for key in ("value/td_error_std", "value/advantage_std", "value/lambda_policy"):
+        assert len(logged(trainer, key)) == 4 and all(math.isfinite(x) for x in logged(trainer, key)), key
+
+
+def test_resume_restores_the_value_pretraining_state(tiny_model_path, dataset, tmp_path):
+    """The critic is ready at the rollout of step 2 (scripted 0.9): steps 2-4 train the policy. Resumed from
+    checkpoint-2 the run continues with the policy training, although the scripted explained variance of steps 3 and 4
+    (0.1) would keep a restarted readiness check in pretraining until the cap (3 steps)."""
+    settings = dict(
+        value_pretrain_steps=3,
+        value_pretrain_window=1,
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+        peft_config=lora(init_lora_weights=False),
+    )
+    script = [0.1, 0.9, 0.1, 0.1]
+    uninterrupted = scripted_trainer(tiny_model_path, dataset, tmp_path / "a", script, **settings)
+    uninterrupted.train()
+    assert logged(uninterrupted, "value/pretraining") == [1.0, 0.0, 0.0, 0.0]
+    state = json.loads((tmp_path / "a" / "checkpoint-2" / PPO_STATE_FILE).read_text())
+    assert state["value_pretraining"] == {
+        "explained_variances": [0.9],
+        "end_step": 1,
+        "ready": True,
+        "end_explained_variance": 0.9,
+    }
+    assert set(state) == {"kl_controller", "value_pretraining"}
+
+    resumed = scripted_trainer(tiny_model_path, dataset, tmp_path / "b", script, **settings)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    assert logged(resumed, "value/pretraining")[-2:] == [0.0, 0.0]
+    assert (resumed._value_pretraining.end_step, resumed._value_pretraining.ready) == (1, True)
+    final, expected = roles(resumed), roles(uninterrupted)
+    for role in ("policy", "critic"):
+        for name, tensor in expected[role].items():
+            assert_close(final[role][name], tensor, atol=1e-6, rtol=1e-5, msg=name)
 
 
 class RecordingPPOTrainer(PPOTrainer):

@@ -16,6 +16,7 @@ from trl_plus.algos.advantages import kl_penalty_to_go
 from trl_plus.algos.value import (
     AdaptiveKLController,
     FixedKLController,
+    ValuePretraining,
     clipped_value_loss,
     decoupled_gae,
     explained_variance,
@@ -184,6 +185,21 @@ def test_length_adaptive_lambda_golden_values_and_clamp():
     assert lambdas.dtype == torch.float32
     # alpha = 0.1: 1 - 10 / l; l = 20 -> 0.5, l = 100 -> 0.9
     assert_close(length_adaptive_lambda(torch.tensor([20.0, 100.0]), alpha=0.1), torch.tensor([0.5, 0.9]))
+
+
+def test_length_adaptive_lambda_floor_golden_values():
+    # alpha = 0.05, floor 0.95 (VAPO's default: the floor is lam): lambda = max(1 - 20 / l, 0.95)
+    #   l = 4 -> 1 - 5 = -4 -> 0.95; l = 100 -> 0.8 -> 0.95; l = 400 -> 0.95 (the formula meets the floor)
+    #   l = 500 -> 0.96; l = 2000 -> 0.99; l = 0 -> 1 - inf -> 0.95
+    lambdas = length_adaptive_lambda(torch.tensor([4, 100, 400, 500, 2000, 0]), min_lambda=0.95)
+    assert_close(lambdas, torch.tensor([0.95, 0.95, 0.95, 0.96, 0.99, 0.95]))
+    # floor 0.5 with alpha = 0.1: max(1 - 10 / l, 0.5); l = 5 -> -1 -> 0.5; 20 -> 0.5; 40 -> 0.75
+    assert_close(length_adaptive_lambda(torch.tensor([5, 20, 40]), 0.1, 0.5), torch.tensor([0.5, 0.5, 0.75]))
+    # floor 1: Monte-Carlo advantages whatever the length
+    assert_close(length_adaptive_lambda(torch.tensor([4, 4000]), min_lambda=1.0), torch.tensor([1.0, 1.0]))
+    for min_lambda in (-0.1, 1.1):
+        with pytest.raises(ValueError, match="min_lambda"):
+            length_adaptive_lambda(torch.tensor([100]), min_lambda=min_lambda)
 
 
 @pytest.mark.parametrize("alpha", [0.0, -0.05])
@@ -474,3 +490,61 @@ def test_explained_variance_is_zero_for_returns_that_are_zero_up_to_rounding():
     _, returns = gae(torch.zeros(1, 4), values, torch.ones(1, 4), 1.0, 1.0)
     assert returns.abs().max() < 1e-6
     assert explained_variance(values, returns, torch.ones(1, 4)).item() == 0.0
+
+
+# Value pretraining's readiness check (VAPO "Value-Pretraining", VC-PPO arXiv 2503.01491)
+
+
+def test_value_pretraining_ends_at_the_first_full_window_at_or_above_the_threshold():
+    schedule = ValuePretraining(max_steps=10, threshold=0.5, window=3)
+    # Explained variances 0.9, 0.9: the window of 3 is not full yet, so not ready however good they are.
+    assert [schedule.record(0.9, 0), schedule.record(0.9, 1)] == [False, False]
+    # Window [0.9, 0.9, -0.4]: mean 1.4 / 3 = 0.4667 < 0.5.
+    assert not schedule.record(-0.4, 2) and schedule.active(3)
+    # Window [0.9, -0.4, 0.8]: mean 1.3 / 3 = 0.4333; then [-0.4, 0.8, 1.0]: mean 1.4 / 3 = 0.4667.
+    assert not schedule.record(0.8, 3) and not schedule.record(1.0, 4)
+    # Window [0.8, 1.0, 0.2]: mean 2.0 / 3 = 0.6667 >= 0.5: ready at global step 5, so 5 critic-only steps.
+    assert schedule.record(0.2, 5)
+    assert (schedule.end_step, schedule.ready) == (5, True)
+    assert schedule.end_explained_variance == pytest.approx(2.0 / 3)
+    assert not schedule.active(5) and not schedule.reach_cap(10)  # finished: no second event
+
+
+def test_value_pretraining_threshold_is_inclusive():
+    schedule = ValuePretraining(max_steps=10, threshold=0.5, window=2)
+    assert not schedule.record(0.25, 0)
+    assert schedule.record(0.75, 1)  # mean (0.25 + 0.75) / 2 = 0.5 exactly
+
+
+def test_value_pretraining_cap_and_fixed_count():
+    schedule = ValuePretraining(max_steps=2, threshold=0.5, window=2)
+    assert not schedule.record(0.1, 0) and not schedule.record(0.3, 1)  # mean 0.2
+    assert schedule.active(1) and not schedule.active(2)
+    assert not schedule.reach_cap(1)
+    assert schedule.reach_cap(2) and not schedule.reach_cap(3)  # once
+    assert (schedule.end_step, schedule.ready) == (2, False)
+    assert schedule.end_explained_variance == pytest.approx(0.2)
+    fixed = ValuePretraining(max_steps=2, threshold=None, window=1)
+    assert not fixed.record(0.99, 0) and fixed.active(1)  # no threshold: never ready early
+    assert fixed.reach_cap(2) and (fixed.end_step, fixed.ready) == (2, True)
+    none = ValuePretraining(max_steps=0, threshold=0.5, window=1)
+    assert not none.active(0) and not none.reach_cap(0) and none.finished
+
+
+def test_value_pretraining_state_dict_round_trip():
+    schedule = ValuePretraining(max_steps=10, threshold=0.5, window=2)
+    schedule.record(0.1, 0)
+    restored = ValuePretraining(max_steps=10, threshold=0.5, window=2)
+    restored.load_state_dict(schedule.state_dict())
+    assert restored.state_dict() == {
+        "explained_variances": [0.1],
+        "end_step": None,
+        "ready": None,
+        "end_explained_variance": None,
+    }
+    assert restored.record(0.9, 1) and restored.end_step == 1  # the restored window continues: (0.1 + 0.9) / 2
+    finished = ValuePretraining(max_steps=10, threshold=0.5, window=2)
+    finished.load_state_dict(restored.state_dict())
+    assert not finished.active(2) and (finished.end_step, finished.ready) == (1, True)
+    with pytest.raises(ValueError, match="end_step"):
+        finished.load_state_dict({"explained_variances": []})

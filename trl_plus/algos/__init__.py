@@ -18,6 +18,7 @@ from .registry import Registry, call_with_supported
 from .value import (
     AdaptiveKLController,
     FixedKLController,
+    ValuePretraining,
     clipped_value_loss,
     decoupled_gae,
     explained_variance,
@@ -35,6 +36,7 @@ __all__ = [
     "KL_ESTIMATORS",
     "POLICY_LOSSES",
     "Registry",
+    "ValuePretraining",
     "aspo_loss",
     "call_with_supported",
     "clip_cov_loss",

@@ -74,23 +74,36 @@ def gae(
     return advantages, returns
 
 
-def length_adaptive_lambda(lengths: torch.Tensor, alpha: float = 0.05) -> torch.Tensor:
-    """VAPO's length-adaptive GAE lambda (arXiv 2504.05118, "Length-Adaptive GAE"): lambda = 1 - 1 / (alpha * l).
+def length_adaptive_lambda(lengths: torch.Tensor, alpha: float = 0.05, min_lambda: float = 0.0) -> torch.Tensor:
+    """VAPO's length-adaptive GAE lambda (arXiv 2504.05118, "Length-Adaptive GAE"): 1 - 1 / (alpha * l), floored.
 
     Chosen so that the total weight of the TD errors, sum_t lambda^t = 1 / (1 - lambda), equals alpha * l: long
     sequences bootstrap less (lambda near 1), short ones more. `lengths` `(B,)` are the valid completion lengths
-    (`mask.sum(-1)`); returns `(B,)` floats. Clamped into [0, 1]: for l < 1 / alpha (20 tokens at the paper's
-    alpha = 0.05) the formula is negative, and a negative lambda would flip the sign of every other TD error, so
-    such sequences get lambda = 0 (one-step TD); l = 0 also gives 0.
+    (`mask.sum(-1)`); returns `(B,)` floats, max(1 - 1 / (alpha * l), min_lambda) clamped into [0, 1].
 
-    >>> length_adaptive_lambda(torch.tensor([100, 200, 20, 10]))
-    tensor([0.8000, 0.9000, 0.0000, 0.0000])
+    Short completions. For l <= 1 / alpha (20 tokens at the paper's alpha = 0.05) the formula is <= 0: a horizon of
+    alpha * l < 1 token cannot be had (lambda = 0, one-step TD, is the shortest), and a negative lambda would flip the
+    sign of every other TD error. The paper does not meet this case: it sets alpha for long chain-of-thought answers
+    (AIME with Qwen2.5-32B, hundreds to thousands of tokens), and the formula's stated purpose is to raise lambda for
+    long sequences, where VC-PPO's fixed 0.95 (arXiv 2503.01491, "Decoupled-GAE") decays the end-of-sequence reward
+    before it reaches the early tokens. Clamping short completions to 0 makes their policy gradient rest entirely on
+    the critic's one-step TD errors, which collapsed VAPO on short-answer tasks (benchmarks/README.md). `min_lambda`
+    floors the result instead: the trainers pass the policy lambda `lam` (VC-PPO's 0.95), so length adaptation only
+    ever raises lambda above 0.95 (for l > 1 / (alpha * 0.05) = 400 tokens at alpha = 0.05), which is the regime the
+    paper's results come from; `min_lambda = 0` gives the bare formula, clamped at 0 (l = 0 also gives the floor).
+
+    >>> length_adaptive_lambda(torch.tensor([4, 100, 400, 1000]))  # 1 - 1/0.2 = -4 -> 0; 1 - 1/5; 1 - 1/20; 1 - 1/50
+    tensor([0.0000, 0.8000, 0.9500, 0.9800])
+    >>> length_adaptive_lambda(torch.tensor([4, 100, 400, 1000]), min_lambda=0.95)  # only 1000 tokens beat the floor
+    tensor([0.9500, 0.9500, 0.9500, 0.9800])
     """
     if not alpha > 0:
         raise ValueError(f"alpha must be > 0, got {alpha}.")
+    if not 0.0 <= min_lambda <= 1.0:
+        raise ValueError(f"min_lambda must be in [0, 1], got {min_lambda}.")
     lengths = torch.as_tensor(lengths)
     lengths = lengths.to(torch.promote_types(lengths.dtype, torch.get_default_dtype()))
-    return (1.0 - 1.0 / (alpha * lengths)).clamp(min=0.0, max=1.0)
+    return (1.0 - 1.0 / (alpha * lengths)).clamp(min=min_lambda, max=1.0)
 
 
 def decoupled_gae(
@@ -221,6 +234,88 @@ def _explained_variance(values, returns, mask, dtype: torch.dtype) -> torch.Tens
     degenerate = var_returns <= torch.finfo(dtype).eps * scale
     ratio = masked_var(residuals) / torch.where(degenerate, 1.0, var_returns)
     return torch.where(degenerate, 0.0, 1.0 - ratio)
+
+
+class ValuePretraining:
+    """When value pretraining ends: as soon as the critic is ready, at the latest after `max_steps` optimizer steps.
+
+    VAPO (arXiv 2504.05118, "Value-Pretraining") trains the value model on Monte-Carlo returns of the fixed initial
+    policy until its value loss and explained variance reach good values, and VC-PPO (arXiv 2503.01491, value
+    pretraining ablation) finds that pretraining longer than needed does not help. Ready: the mean explained variance
+    of the last `window` rollouts is >= `threshold` (each measured on a fresh rollout with the critic that produced
+    its values, before the critic trains on it: a held-out score). `threshold=None` keeps a fixed count of
+    `max_steps` steps. Call `record` once per training rollout while `active`, and `reach_cap` before each
+    optimizer step; both return True once, when pretraining ends. The state (`state_dict`) goes into checkpoints.
+
+    >>> schedule = ValuePretraining(max_steps=10, threshold=0.5, window=2)
+    >>> [schedule.record(ev, step) for step, ev in enumerate([0.1, 0.6, 0.7])]  # means: -, 0.35, 0.65 >= 0.5
+    [False, False, True]
+    >>> schedule.end_step, schedule.ready, schedule.active(3)  # the policy trains from optimizer step 3 on
+    (2, True, False)
+    """
+
+    def __init__(self, max_steps: int, threshold: float | None, window: int):
+        if not max_steps >= 0 or not window >= 1:
+            raise ValueError(f"max_steps must be >= 0 and window >= 1, got {max_steps} and {window}.")
+        self.max_steps, self.threshold, self.window = int(max_steps), threshold, int(window)
+        self.explained_variances: list[float] = []  # the last `window` rollouts' explained variances
+        self.end_step: int | None = None  # optimizer steps the critic trained alone; None while pretraining
+        self.ready: bool | None = None  # at the end: whether the readiness criterion was met
+        self.end_explained_variance: float | None = None  # the window's mean at the end
+
+    @property
+    def finished(self) -> bool:
+        return self.end_step is not None or self.max_steps == 0
+
+    def active(self, global_step: int) -> bool:
+        """Whether optimizer step `global_step + 1` trains the critic alone."""
+        return not self.finished and global_step < self.max_steps
+
+    def window_mean(self) -> float | None:
+        values = self.explained_variances
+        return sum(values) / len(values) if values else None
+
+    def record(self, explained_variance: float, global_step: int) -> bool:
+        """Add a rollout's explained variance; True when the critic is now ready (the last critic-only step is
+        `global_step`, the policy trains from the next one)."""
+        self.explained_variances = [*self.explained_variances, float(explained_variance)][-self.window :]
+        full = len(self.explained_variances) == self.window
+        if self.threshold is not None and full and self.window_mean() >= self.threshold:
+            self._finish(global_step, ready=True)
+            return True
+        return False
+
+    def reach_cap(self, global_step: int) -> bool:
+        """True (once) when `global_step` optimizer steps reached the cap with pretraining still on."""
+        if self.finished or global_step < self.max_steps:
+            return False
+        self._finish(self.max_steps, ready=self.threshold is None)
+        return True
+
+    def _finish(self, end_step: int, ready: bool) -> None:
+        self.end_step, self.ready, self.end_explained_variance = end_step, ready, self.window_mean()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "explained_variances": list(self.explained_variances),
+            "end_step": self.end_step,
+            "ready": self.ready,
+            "end_explained_variance": self.end_explained_variance,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        _check_keys(self, state_dict, {"explained_variances", "end_step", "ready", "end_explained_variance"})
+        self.explained_variances = [float(value) for value in state_dict["explained_variances"]][-self.window :]
+        self.end_step = None if state_dict["end_step"] is None else int(state_dict["end_step"])
+        self.ready = state_dict["ready"]
+        end_explained_variance = state_dict["end_explained_variance"]
+        self.end_explained_variance = None if end_explained_variance is None else float(end_explained_variance)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(max_steps={self.max_steps}, threshold={self.threshold}, window={self.window}, "
+            f"end_step={self.end_step}, ready={self.ready})"
+        )
 
 
 def _check_coef(name: str, value: float) -> float:

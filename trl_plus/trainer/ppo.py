@@ -39,12 +39,24 @@ value loss), `value/clipfrac` (tokens where the clipped term is larger), `value/
 KL, when it is in the reward), `kl/beta` (the beta that shaped the rollout), `ppo/approx_kl` ((r - 1) - log r, the
 update policy against the sampling one), `ppo/clipfrac` (tokens whose ratio r is outside [1 - eps_low, 1 + eps_high]),
 `value/pretraining` (1 while the policy is frozen) and, with `positive_lm_coef > 0`, `positive_lm/loss` (the NLL of
-positive completions) and `positive_lm/fraction` (their share of the rollout).
+positive completions) and `positive_lm/fraction` (their share of the rollout). The critic's readiness, per rollout:
+`value/td_error_std` (the spread of the one-step TD errors r_t + gamma V_{t+1} - V_t), `value/advantage_std` (the
+spread of the GAE advantages before whitening: whitening scales them to std 1, however little of them is signal) and
+`value/lambda_policy` (the mean policy lambda); once, when value pretraining ends, `value/pretraining_steps` (the
+critic-only optimizer steps) and `value/pretraining_explained_variance` (the readiness window's mean then). A policy
+trained on a critic with negative explained variance (worse than predicting the mean return) gets a warning, at
+most once every 100 steps.
+
+Value pretraining (VAPO, VC-PPO arXiv 2503.01491): while it lasts, optimizer steps train only the critic, on
+Monte-Carlo returns of the frozen initial policy. It ends when the critic is ready (the mean explained variance of
+the last `value_pretrain_window` rollouts >= `value_pretrain_threshold`) or at `value_pretrain_steps`, the cap, with a
+warning (`value_pretrain_strict`: an error) when the critic is not ready then. The decision rests on globally
+reduced values, so every process takes it at the same step, and it is saved in `ppo_state.json`.
 
 VAPO (arXiv 2504.05118) is the same trainer with other defaults (`VAPOConfig`): decoupled GAE (lambda_critic = 1,
-lambda_policy = 0.95, or length-adaptive 1 - 1 / (alpha * length) with alpha = 0.05), value pretraining (the first
-`value_pretrain_steps` optimizer steps train only the critic, on Monte-Carlo returns), a positive-example LM loss
-(mu = 0.1), Clip-Higher (0.2 / 0.28), token-level loss and several samples per prompt.
+lambda_policy = 0.95, or length-adaptive max(1 - 1 / (alpha * length), 0.95) with alpha = 0.05), value pretraining
+(at most 50 steps), a critic learning rate twice the actor's, a positive-example LM loss (mu = 0.1), Clip-Higher
+(0.2 / 0.28), token-level loss and several samples per prompt.
 """
 
 import copy
@@ -67,9 +79,11 @@ from ..algos import KL_ESTIMATORS, masked_whiten
 from ..algos.value import (
     AdaptiveKLController,
     FixedKLController,
+    ValuePretraining,
     clipped_value_loss,
     decoupled_gae,
     explained_variance,
+    gae,
     kl_shaped_token_rewards,
     length_adaptive_lambda,
 )
@@ -84,6 +98,7 @@ VALUE_HEAD = "value_head"  # attribute of the trained model holding the LoRA cri
 VALUE_MODEL = "value_model"  # attribute of the trained model holding a separate critic
 VALUE_HEAD_FILE = "value_head.safetensors"  # saved in the critic adapter's folder, `critic/`
 PPO_STATE_FILE = "ppo_state.json"
+NEGATIVE_EXPLAINED_VARIANCE_WARNING_EVERY = 100  # optimizer steps between two warnings about a critic worse than none
 
 
 def _check_policy_is_trained(value_pretrain_steps: int, num_steps: int, steps_source: str) -> None:
@@ -159,8 +174,18 @@ class PPOConfig(GRPOConfig):
     length_adaptive_alpha: float | None = field(
         default=None,
         metadata={
-            "help": "Length-adaptive GAE (VAPO): the policy lambda of a completion of length l is 1 - 1/(alpha * l), "
-            "clamped to [0, 1]; replaces `lam`. VAPO uses alpha = 0.05. None: off."
+            "help": "Length-adaptive GAE (VAPO, arXiv 2504.05118 'Length-Adaptive GAE'): the policy lambda of a "
+            "completion of length l is max(1 - 1/(alpha * l), `length_adaptive_min_lambda`), at most 1; replaces "
+            "`lam`. VAPO uses alpha = 0.05. None: off."
+        },
+    )
+    length_adaptive_min_lambda: float | None = field(
+        default=None,
+        metadata={
+            "help": "Floor of the length-adaptive policy lambda. None: `lam` (0.95, VC-PPO's policy lambda), so that "
+            "length adaptation only raises lambda for long completions (l > 1/(alpha * (1 - lam)): 400 tokens at "
+            "alpha 0.05) and short ones keep GAE with `lam` instead of one-step TD errors that rest entirely on the "
+            "critic (see `trl_plus.algos.value.length_adaptive_lambda`). 0.0: the bare formula, clamped at 0."
         },
     )
     whiten_advantages: bool = field(
@@ -180,7 +205,17 @@ class PPOConfig(GRPOConfig):
     )
     critic_learning_rate: float | None = field(
         default=None,
-        metadata={"help": "Learning rate of the critic (adapter and head, or value model). None: `learning_rate`."},
+        metadata={
+            "help": "Learning rate of the critic (adapter and head, or value model). None: "
+            "`critic_learning_rate_ratio` * `learning_rate`, or `learning_rate` when the ratio is None too."
+        },
+    )
+    critic_learning_rate_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "Critic learning rate as a multiple of `learning_rate`, used when `critic_learning_rate` is None "
+            "(VAPO, arXiv 2504.05118 experimental setup: actor 1e-6, critic 2e-6, a ratio of 2). None: 1."
+        },
     )
     value_model: str | None = field(
         default=None,
@@ -199,8 +234,30 @@ class PPOConfig(GRPOConfig):
     value_pretrain_steps: int = field(
         default=0,
         metadata={
-            "help": "Value pretraining (VAPO, VC-PPO): the first N optimizer steps train only the critic, on "
-            "Monte-Carlo returns (lambda = 1) of the initial policy; the policy is frozen. They count in max_steps."
+            "help": "Value pretraining (VAPO arXiv 2504.05118 'Value-Pretraining', VC-PPO arXiv 2503.01491): at most "
+            "the first N optimizer steps train only the critic, on Monte-Carlo returns (lambda = 1) of the frozen "
+            "initial policy; pretraining ends earlier once the critic is ready (`value_pretrain_threshold`). They "
+            "count in max_steps. 0: none."
+        },
+    )
+    value_pretrain_threshold: float | None = field(
+        default=0.5,
+        metadata={
+            "help": "The critic is ready, and the policy starts training, once the mean explained variance of the "
+            "value targets over the last `value_pretrain_window` rollouts (each measured before the critic trains "
+            "on it) is >= this (VAPO: pretrain until the value loss and explained variance are good). None: "
+            "pretrain for exactly `value_pretrain_steps` steps."
+        },
+    )
+    value_pretrain_window: int = field(
+        default=5,
+        metadata={"help": "Rollouts whose explained variances are averaged for the readiness check."},
+    )
+    value_pretrain_strict: bool = field(
+        default=False,
+        metadata={
+            "help": "When `value_pretrain_steps` run out before the critic is ready: raise instead of warning and "
+            "starting the policy on a critic that is not ready."
         },
     )
     positive_lm_coef: float = field(
@@ -223,13 +280,17 @@ class PPOConfig(GRPOConfig):
         if self.beta == 0.0:  # no KL: where it would go and how it would be estimated do not apply
             self.kl_in_reward, self.kl_estimator = False, "k3"
         self._validate_ppo()
-        if self.length_adaptive_alpha is not None and self.max_completion_length * self.length_adaptive_alpha <= 1:
+        if (
+            self.length_adaptive_alpha is not None
+            and self.length_adaptive_min_lambda == 0.0
+            and self.max_completion_length * self.length_adaptive_alpha <= 1
+        ):
             logger.warning(
-                f"length_adaptive_alpha={self.length_adaptive_alpha} with max_completion_length="
-                f"{self.max_completion_length}: lambda_policy = 1 - 1 / (alpha * length) is <= 0 for every "
-                "completion, so the policy gets one-step TD advantages that rest entirely on the critic. The formula "
-                "is meant for completions longer than 1 / alpha tokens; for short ones set length_adaptive_alpha=None "
-                "(lambda_policy = lam)."
+                f"length_adaptive_alpha={self.length_adaptive_alpha} and length_adaptive_min_lambda=0.0 with "
+                f"max_completion_length={self.max_completion_length}: lambda_policy = 1 - 1 / (alpha * length) is "
+                "<= 0 for every completion, so the policy gets one-step TD advantages that rest entirely on the "
+                "critic. The formula is meant for completions longer than 1 / alpha tokens; leave "
+                "length_adaptive_min_lambda=None (the floor is then `lam`)."
             )
         single_sample = self.num_generations == 1
         if single_sample:
@@ -275,6 +336,25 @@ class PPOConfig(GRPOConfig):
         check(self.value_pretrain_steps >= 0, f"`value_pretrain_steps` must be >= 0, got {self.value_pretrain_steps}.")
         if self.max_steps > 0:  # epoch-based runs: `PPOTrainer.set_initial_training_values` checks it
             _check_policy_is_trained(self.value_pretrain_steps, self.max_steps, f"`max_steps` is {self.max_steps}")
+        check(
+            self.value_pretrain_threshold is None or 0.0 <= self.value_pretrain_threshold <= 1.0,
+            f"`value_pretrain_threshold` is {self.value_pretrain_threshold}; valid: an explained variance in [0, 1] "
+            "(VAPO-style readiness, e.g. 0.5), or None (pretrain for exactly `value_pretrain_steps` steps).",
+        )
+        check(
+            self.value_pretrain_window >= 1,
+            f"`value_pretrain_window` is {self.value_pretrain_window}; valid: a number of rollouts >= 1.",
+        )
+        check(
+            self.length_adaptive_min_lambda is None or 0.0 <= self.length_adaptive_min_lambda <= 1.0,
+            f"`length_adaptive_min_lambda` is {self.length_adaptive_min_lambda}; valid: a lambda in [0, 1], or None "
+            "(the floor is `lam`).",
+        )
+        check(
+            self.critic_learning_rate_ratio is None or 0.0 < self.critic_learning_rate_ratio < float("inf"),
+            f"`critic_learning_rate_ratio` is {self.critic_learning_rate_ratio}; valid: a finite number > 0 (VAPO: "
+            "2.0), or None (the critic gets `learning_rate`).",
+        )
         check(self.positive_lm_coef >= 0, f"`positive_lm_coef` must be >= 0, got {self.positive_lm_coef}.")
         for name in ("critic_lora_r", "critic_lora_alpha"):
             check(getattr(self, name) is None or getattr(self, name) > 0, f"`{name}` must be > 0 or None.")
@@ -306,9 +386,16 @@ class PPOConfig(GRPOConfig):
 @dataclass
 class VAPOConfig(PPOConfig):
     """VAPO (arXiv 2504.05118): PPO with decoupled, length-adaptive GAE (lambda_critic = 1.0, lambda_policy =
-    1 - 1/(0.05 * length)), value pretraining, a positive-example LM loss (mu = 0.1), Clip-Higher (0.2 / 0.28),
-    token-level loss, several samples per prompt and no KL penalty. The paper pretrains the value model for 50 steps
-    and samples 16 completions per prompt; its critic learning rate is 2x the actor's (set `critic_learning_rate`)."""
+    1 - 1/(0.05 * length), floored at 0.95), value pretraining, a positive-example LM loss (mu = 0.1), Clip-Higher
+    (0.2 / 0.28), token-level loss, several samples per prompt and no KL penalty. The paper samples 16 completions per
+    prompt and trains the critic at twice the actor's learning rate (1e-6 / 2e-6).
+
+    Critic warm-up (VAPO "Value-Pretraining", after VC-PPO arXiv 2503.01491): the policy stays frozen while the critic
+    fits Monte-Carlo returns (lambda = 1) of the initial policy, until its explained variance is >= 0.5 over the last
+    5 rollouts or, at the latest, for the paper's 50 steps (then a warning: `value_pretrain_strict` raises instead).
+    What the papers do that stays the user's choice: they initialize the value model from a reward model (pass it as
+    `value_model`; the default critic is the policy's checkpoint with a new value head) and score with +1 / -1
+    verifier rewards (VC-PPO's setup; `positive_reward_threshold=0.0` suits both 0/1 and -1/+1)."""
 
     num_generations: int | None = field(default=4, metadata={"help": "Samples per prompt (the paper: 16)."})
     beta: float = field(default=0.0, metadata={"help": "VAPO uses no KL penalty."})
@@ -317,9 +404,17 @@ class VAPOConfig(PPOConfig):
     lam: float = field(default=0.95, metadata={"help": "Policy lambda when length_adaptive_alpha is None."})
     lam_critic: float | None = field(default=1.0, metadata={"help": "Decoupled GAE: Monte-Carlo value targets."})
     length_adaptive_alpha: float | None = field(
-        default=0.05, metadata={"help": "Length-adaptive GAE: lambda_policy = 1 - 1/(0.05 * length)."}
+        default=0.05,
+        metadata={"help": "Length-adaptive GAE: lambda_policy = max(1 - 1/(0.05 * length), 0.95) (floor: `lam`)."},
     )
-    value_pretrain_steps: int = field(default=50, metadata={"help": "Value pretraining steps (the paper: 50)."})
+    critic_learning_rate_ratio: float | None = field(
+        default=2.0,
+        metadata={"help": "Critic learning rate = 2 x the actor's (the paper: 1e-6 and 2e-6)."},
+    )
+    value_pretrain_steps: int = field(
+        default=50,
+        metadata={"help": "At most 50 value pretraining steps (the paper's 50), fewer once the critic is ready."},
+    )
     positive_lm_coef: float = field(default=0.1, metadata={"help": "Positive-example LM loss weight mu = 0.1."})
     epsilon: float = field(default=0.2, metadata={"help": "Lower clip eps_low = 0.2."})
     epsilon_high: float | None = field(default=0.28, metadata={"help": "Clip-Higher eps_high = 0.28."})
@@ -358,6 +453,11 @@ class PPOTrainer(GRPOTrainer):
             else FixedKLController(self.args.beta)
         )
         self._captured_log_probs = None
+        self._value_pretraining = ValuePretraining(
+            self.args.value_pretrain_steps, self.args.value_pretrain_threshold, self.args.value_pretrain_window
+        )
+        self._negative_explained_variance_warned_at: int | None = None  # the optimizer step of the last warning
+        self._negative_explained_variance_rollouts = 0  # rollouts with a negative one since that warning
         self._setup_critic(value_model if value_model is not None else self.args.value_model, critic_peft_config)
 
     # ------------------------------------------------------------------ critic setup
@@ -503,10 +603,18 @@ class PPOTrainer(GRPOTrainer):
         return torch.cat(values, dim=0)
 
     # ------------------------------------------------------------------ optimizer and gradients
+    @property
+    def _critic_learning_rate(self) -> float:
+        args = self.args
+        if args.critic_learning_rate is not None:
+            return args.critic_learning_rate
+        ratio = 1.0 if args.critic_learning_rate_ratio is None else args.critic_learning_rate_ratio
+        return args.learning_rate * ratio
+
     def create_optimizer(self, model=None):
         user_optimizer = self.optimizer is not None
         optimizer = super().create_optimizer(model)
-        critic_lr = self.args.critic_learning_rate
+        critic_lr = self._critic_learning_rate
         if user_optimizer or critic_lr is None or critic_lr == self.args.learning_rate:
             return optimizer
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -551,7 +659,69 @@ class PPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ rollout: values, token rewards, GAE
     def _in_value_pretraining(self) -> bool:
-        return self.model.training and self.state.global_step < self.args.value_pretrain_steps
+        return self.model.training and self._value_pretraining.active(self.state.global_step)
+
+    def _end_value_pretraining_at_cap(self) -> None:
+        """At `value_pretrain_steps` optimizer steps, end pretraining if the critic never got ready: warn (or raise
+        with `value_pretrain_strict`) when a readiness threshold was set. The same decision on every process: it
+        rests on the global step and on globally reduced explained variances."""
+        schedule = self._value_pretraining
+        if not schedule.reach_cap(self.state.global_step):
+            return
+        self._log_value_pretraining_end()
+        if schedule.ready:  # a fixed count (`value_pretrain_threshold=None`)
+            return
+        mean = schedule.end_explained_variance
+        message = (
+            f"Value pretraining reached value_pretrain_steps={self.args.value_pretrain_steps} with the critic not "
+            f"ready: the explained variance of the last {len(schedule.explained_variances)} rollout(s) averages "
+            f"{'n/a' if mean is None else f'{mean:.3f}'}, below value_pretrain_threshold="
+            f"{self.args.value_pretrain_threshold}. The policy now trains on advantages from this critic. Raise "
+            "value_pretrain_steps or critic_learning_rate(_ratio), or lower value_pretrain_threshold."
+        )
+        if self.args.value_pretrain_strict:
+            raise RuntimeError(message + " (value_pretrain_strict=True)")
+        if self.accelerator.is_main_process:
+            logger.warning(message)
+
+    def _log_value_pretraining_end(self) -> None:
+        schedule = self._value_pretraining
+        metrics = self._metrics["train"]
+        metrics["value/pretraining_steps"].append(float(schedule.end_step))
+        if schedule.end_explained_variance is not None:
+            metrics["value/pretraining_explained_variance"].append(schedule.end_explained_variance)
+        if schedule.ready and self.args.value_pretrain_threshold is not None and self.accelerator.is_main_process:
+            logger.info(
+                f"Value pretraining ended after {schedule.end_step} step(s): the critic's explained variance over the "
+                f"last {schedule.window} rollouts is {schedule.end_explained_variance:.3f} >= "
+                f"{self.args.value_pretrain_threshold}; the policy trains from step {schedule.end_step + 1}."
+            )
+
+    def _check_critic_readiness(self, explained_variance: float) -> None:
+        """Once per training rollout: feed value pretraining's readiness check, or warn (at most every
+        `NEGATIVE_EXPLAINED_VARIANCE_WARNING_EVERY` steps) when the policy trains on a critic worse than none."""
+        step = self.state.global_step
+        self._end_value_pretraining_at_cap()
+        if self._value_pretraining.active(step):
+            if self._value_pretraining.record(explained_variance, step):
+                self._log_value_pretraining_end()
+            return
+        if explained_variance >= 0:
+            return
+        self._negative_explained_variance_rollouts += 1
+        last = self._negative_explained_variance_warned_at
+        if last is not None and step - last < NEGATIVE_EXPLAINED_VARIANCE_WARNING_EVERY:
+            return
+        self._negative_explained_variance_warned_at = step
+        rollouts, self._negative_explained_variance_rollouts = self._negative_explained_variance_rollouts, 0
+        if self.accelerator.is_main_process:
+            logger.warning(
+                f"Step {step + 1}: the policy trains on a critic whose explained variance is {explained_variance:.3f} "
+                f"< 0 ({rollouts} such rollout(s) since the last warning): its values predict the returns worse than "
+                "their mean, so the GAE advantages follow the critic's errors (see `value/td_error_std`, "
+                "`value/advantage_std`). Consider value pretraining (value_pretrain_steps), a higher "
+                "critic_learning_rate(_ratio) or a larger `lam`."
+            )
 
     @property
     def _replaces_trl_advantages(self) -> bool:
@@ -579,15 +749,21 @@ class PPOTrainer(GRPOTrainer):
         token_rewards = kl_shaped_token_rewards(torch.nan_to_num(scores), kl, value_mask, reward_beta)
 
         lengths = value_mask.sum(-1)
-        lam_policy = (
-            args.lam
-            if args.length_adaptive_alpha is None
-            else length_adaptive_lambda(lengths, args.length_adaptive_alpha)
-        )
+        if args.length_adaptive_alpha is None:
+            lam_policy = args.lam
+        else:
+            min_lambda = args.lam if args.length_adaptive_min_lambda is None else args.length_adaptive_min_lambda
+            lam_policy = length_adaptive_lambda(lengths, args.length_adaptive_alpha, min_lambda)
         lam_critic = args.lam if args.lam_critic is None else args.lam_critic
         if self._in_value_pretraining():
             lam_critic = 1.0  # value pretraining fits Monte-Carlo returns
         advantages, returns = decoupled_gae(token_rewards, old_values, value_mask, args.gamma, lam_critic, lam_policy)
+        # The critic's readiness, logged per rollout: one-step TD errors and each row's policy lambda (popped again
+        # once the generation batch is complete).
+        output["td_errors"], _ = gae(token_rewards, old_values, value_mask, args.gamma, 0.0)
+        output["lambda_policy"] = torch.as_tensor(lam_policy, dtype=torch.float32, device=mask.device).expand(
+            mask.size(0)
+        )
         output["old_values"] = old_values
         output["returns"] = returns
         output["scores"] = torch.nan_to_num(scores)
@@ -599,6 +775,13 @@ class PPOTrainer(GRPOTrainer):
         args = self.args
         mode = "train" if self.model.training else "eval"
         mask = (output["completion_mask"] * output.get("tool_mask", 1)).float() * output["scored"].unsqueeze(1)
+        metrics = self._metrics[mode]
+        metrics["value/td_error_std"].append(self._global_masked_std(output.pop("td_errors"), mask))
+        metrics["value/advantage_std"].append(self._global_masked_std(output["advantages"], mask))  # before whitening
+        lambda_policy = output.pop("lambda_policy")
+        metrics["value/lambda_policy"].append(
+            self._global_masked_mean(lambda_policy, output["scored"] * (mask.sum(-1) > 0))
+        )
         if args.whiten_advantages:
             output["advantages"] = masked_whiten(output["advantages"], mask, self._all_reduce_sum)
             if not (args.dynamic_sampling and mode == "train"):  # dynamic sampling logged each round's own rows
@@ -609,9 +792,10 @@ class PPOTrainer(GRPOTrainer):
             output["num_positive_tokens"] = totals[0]
             num_rows = self._all_reduce_sum(output["scored"].new_tensor(float(output["scored"].numel())))
             self._metrics[mode]["positive_lm/fraction"].append((totals[1] / num_rows).item())
-        self._metrics[mode]["value/explained_variance"].append(
-            self._global_explained_variance(output["old_values"], output["returns"], mask)
-        )
+        explained_variance = self._global_explained_variance(output["old_values"], output["returns"], mask)
+        metrics["value/explained_variance"].append(explained_variance)
+        if mode == "train":
+            self._check_critic_readiness(explained_variance)
         kl_per_sequence = output.pop("kl_per_sequence", None)
         if mode == "train":
             self._metrics[mode]["kl/beta"].append(self._kl_controller.value)
@@ -622,6 +806,15 @@ class PPOTrainer(GRPOTrainer):
                 if self.beta != 0.0:
                     self.beta = self._kl_controller.value
         return output
+
+    def _global_masked_std(self, values: torch.Tensor, mask: torch.Tensor) -> float:
+        """Population std of `(B, T)` values over the valid tokens of every process."""
+        values = torch.where(mask.bool(), values.float(), 0.0)
+        weights = mask.float()
+        totals = self._all_reduce_sum(torch.stack([values.sum(), (values**2).sum(), weights.sum()]).detach())
+        count = totals[2].clamp(min=1.0)
+        mean = totals[0] / count
+        return (totals[1] / count - mean**2).clamp(min=0.0).sqrt().item()
 
     def _global_explained_variance(self, values, returns, mask) -> float:
         tensors = [self.accelerator.pad_across_processes(t, dim=1, pad_index=0) for t in (values, returns, mask)]
@@ -639,6 +832,8 @@ class PPOTrainer(GRPOTrainer):
         args = self.args
         mode = "train" if self.model.training else "eval"
         train_critic = mode == "train" and torch.is_grad_enabled()
+        if mode == "train":
+            self._end_value_pretraining_at_cap()  # between two rollouts when a generation batch spans several steps
         self._restore_trainable()
         value_loss = self._value_loss(model, inputs, mode, backward=train_critic)
         if mode == "train" and self._in_value_pretraining():
@@ -746,15 +941,22 @@ class PPOTrainer(GRPOTrainer):
             checkpoint_dir = os.path.join(
                 self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             )
+            state = {
+                "kl_controller": self._kl_controller.state_dict(),
+                "value_pretraining": self._value_pretraining.state_dict(),
+            }
             with open(os.path.join(checkpoint_dir, PPO_STATE_FILE), "w") as file:
-                json.dump({"kl_controller": self._kl_controller.state_dict()}, file)
+                json.dump(state, file)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         path = os.path.join(checkpoint, PPO_STATE_FILE) if checkpoint is not None else None
         if path is not None and os.path.exists(path):
             with open(path) as file:
-                self._kl_controller.load_state_dict(json.load(file)["kl_controller"])
+                state = json.load(file)
+            self._kl_controller.load_state_dict(state["kl_controller"])
+            if "value_pretraining" in state:  # checkpoints from before the readiness check have a fixed count
+                self._value_pretraining.load_state_dict(state["value_pretraining"])
             if self.beta != 0.0:
                 self.beta = self._kl_controller.value
 
