@@ -556,7 +556,14 @@ def test_adaptive_kl_controller_follows_the_rollout_kl(tiny_model_path, dataset,
 )
 def test_critic_learning_rate_ratio(tiny_model_path, dataset, tmp_path, config_class, overrides, critic_lr):
     trainer = make_trainer(
-        tiny_model_path, dataset, tmp_path, config_class, num_generations=2, learning_rate=1e-3, **overrides
+        tiny_model_path,
+        dataset,
+        tmp_path,
+        config_class,
+        num_generations=2,
+        learning_rate=1e-3,
+        value_pretrain_steps=1,  # below max_steps=2 (VAPO's 50 would train only the critic, which is refused)
+        **overrides,
     )
     optimizer = trainer.create_optimizer()
     critic_ids = {id(param) for param in trainer._critic_params}
