@@ -85,8 +85,9 @@ def check_shapes(
     missing = sorted(set(expected) - set(saved))
     mismatched = sorted(name for name in set(expected) & set(saved) if tuple(saved[name]) != tuple(expected[name]))
     extra = [] if allow_extra else sorted(set(saved) - set(expected))
+    problems = [("it lacks the tensors", missing), ("other shapes for", mismatched), ("extra tensors", extra)]
     if missing or mismatched or extra:
-        raise ValueError(f"it lacks tensors {missing}, has other shapes for {mismatched} and extra tensors {extra}")
+        raise ValueError("; ".join(f"{problem} {names}" for problem, names in problems if names))
 
 
 def read_sections(checkpoint: str, name: str, holds: str, read: Callable[[str], Any], sections: Mapping) -> None:
