@@ -13,6 +13,8 @@ A two-process run (`torchrun --nproc_per_node 2`, gloo on CPU) is launched from 
 import json
 import logging
 import math
+import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -23,8 +25,9 @@ from conftest import make_config, run_isolated
 from datasets import Dataset, IterableDataset
 from torch.testing import assert_close
 
-from trl_plus import GRPOConfig, GRPOTrainer
-from trl_plus.sampling import SurplusBuffer, groups_with_signal, split_rows, stack_rows
+from trl_plus import DAPOConfig, DAPOTrainer, GRPOConfig, GRPOTrainer
+from trl_plus.sampling import PromptBatchStream, SurplusBuffer, groups_with_signal, split_rows, stack_rows
+from trl_plus.trainer.checkpoints import MissingCheckpointFileError, UnreadableCheckpointFileError
 from trl_plus.trainer.grpo import SURPLUS_BUFFER_FILE
 
 NAN = float("nan")
@@ -305,6 +308,59 @@ def test_surplus_buffer_state_dict_round_trip(tmp_path):
     assert restored.put(_rows(4, 5)) == 1  # the restored rows count against the capacity
 
 
+@pytest.mark.parametrize(
+    "state, words",
+    [({"rows": _rows(0, 1, 2)}, "not whole groups of 2"), ({"rows": [], "capacity": 2}, "keys ['rows']")],
+)
+def test_surplus_buffer_refuses_a_state_it_cannot_hold(state, words):
+    buffer = SurplusBuffer(group_size=2, capacity_groups=2)
+    buffer.put(_rows(7, 8))
+    with pytest.raises(ValueError, match=re.escape(words)):
+        buffer.load_state_dict(state)
+    assert [row["advantages"].item() for row in buffer.rows] == [7, 8]  # unchanged
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# PromptBatchStream
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _epoch_loader(epoch):
+    """8 items in batches of 2, shuffled by a sampler seeded with the epoch; the DataLoader has no generator of its
+    own, so starting its iteration draws its workers' base seed from the global RNG, as the trainer's loaders do."""
+    sampler = torch.utils.data.RandomSampler(range(8), generator=torch.Generator().manual_seed(epoch))
+    return torch.utils.data.DataLoader(range(8), batch_size=2, sampler=sampler)
+
+
+def test_prompt_stream_resumes_at_its_position_and_leaves_the_global_rng_as_an_uninterrupted_stream():
+    torch.manual_seed(0)
+    stream = PromptBatchStream(_epoch_loader)
+    first_epoch = [next(stream).tolist() for _ in range(4)]
+    assert sorted(sum(first_epoch, [])) == list(range(8))  # one pass over the data
+    next(stream)
+    saved, rng_state = stream.state_dict(), torch.get_rng_state()
+    assert saved == {"epoch": 1, "batches_taken": 1}
+    expected = [next(stream).tolist() for _ in range(5)]  # the rest of epoch 1, then epoch 2 starts
+    expected_rng_state = torch.get_rng_state()
+    assert stream.state_dict() == {"epoch": 2, "batches_taken": 2}
+
+    resumed = PromptBatchStream(_epoch_loader)
+    resumed.load_state_dict(saved)
+    torch.set_rng_state(rng_state)  # what the Trainer restores from the checkpoint
+    assert [next(resumed).tolist() for _ in range(5)] == expected
+    assert torch.equal(torch.get_rng_state(), expected_rng_state)
+
+
+@pytest.mark.parametrize(
+    "state", [{"epoch": 1}, {"epoch": 1, "batches_taken": 2, "seed": 3}, {"epoch": -1, "batches_taken": 0}, [1, 2]]
+)
+def test_prompt_stream_refuses_a_malformed_position(state):
+    stream = PromptBatchStream(_epoch_loader)
+    with pytest.raises(ValueError, match="PromptBatchStream"):
+        stream.load_state_dict(state)
+    assert stream.state_dict() == {"epoch": 0, "batches_taken": 0}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Config and trainer validation
 # ---------------------------------------------------------------------------------------------------------------------
@@ -480,14 +536,23 @@ def test_completions_log_pairs_each_advantage_with_its_own_completion(trained):
             assert any(abs(advantage - value) < 1e-6 for value in expected), (prompt, completion, advantage, expected)
 
 
-def test_checkpoints_hold_the_surplus_buffer(trained):
+def test_checkpoints_hold_the_surplus_buffer_and_the_prompt_stream_position(trained):
     trainer, output_dir = trained
+    batches_per_epoch = len(PROMPTS) // 4  # 4 prompts (16 rows) per batch
+    batches_taken = 0
     for index, step in enumerate(trainer.steps):
         path = output_dir / f"checkpoint-{index + 1}" / SURPLUS_BUFFER_FILE
         assert path.exists(), path
-        saved = torch.load(path, weights_only=True)["rows"]
-        assert len(saved) == len(step["buffer"]) == step["metrics"]["buffer_size"] * GROUP_SIZE
-        assert_rows_equal(saved, step["buffer"], list(step["buffer"][0]) if step["buffer"] else [])
+        saved = torch.load(path, weights_only=True)
+        assert set(saved) == {"surplus_buffer", "prompt_stream"}
+        rows = saved["surplus_buffer"]["rows"]
+        assert len(rows) == len(step["buffer"]) == step["metrics"]["buffer_size"] * GROUP_SIZE
+        assert_rows_equal(rows, step["buffer"], list(step["buffer"][0]) if step["buffer"] else [])
+        # every round after a step's first takes one batch of the stream; an epoch ends after its last batch is taken
+        batches_taken += step["metrics"]["rounds"] - 1
+        epoch = max(batches_taken - 1, 0) // batches_per_epoch
+        assert saved["prompt_stream"] == {"epoch": epoch, "batches_taken": batches_taken - epoch * batches_per_epoch}
+    assert batches_taken > 0
 
 
 def _checkpoint_with_surplus(trainer, output_dir):
@@ -520,6 +585,83 @@ def test_resume_trains_the_restored_buffer_first(trained, tiny_model_path, tmp_p
     # the restored rows were not regenerated: same tokens the original run trained at this step
     original_next = split_rows(trainer.steps[index + 1]["batch"], 16)[: len(saved)]
     assert_rows_equal(original_next, saved, ["prompt_ids", "completion_ids"])
+
+
+def damage_file(path, damage):
+    """Delete `path`, or cut it to half its bytes (a write interrupted by a crash)."""
+    if damage == "missing":
+        path.unlink()
+    else:
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "old format"])
+def test_resume_refuses_a_checkpoint_without_a_usable_dynamic_sampling_state(
+    trained, tiny_model_path, tmp_path, damage
+):
+    """Without the surplus groups and the prompt stream's position the run would silently diverge from the saved one;
+    the resume stops before anything is generated, naming the file. 'old format': a file of trl_plus before the stream
+    position was saved (the buffer's rows only)."""
+    trainer, output_dir = trained
+    checkpoint = tmp_path / "checkpoint-2"
+    shutil.copytree(output_dir / "checkpoint-2", checkpoint)
+    path = checkpoint / SURPLUS_BUFFER_FILE
+    if damage == "old format":
+        torch.save(torch.load(path, weights_only=True)["surplus_buffer"], path)
+    else:
+        damage_file(path, damage)
+    resumed = on_prompts(tiny_model_path, ds_config(tmp_path / "out", max_steps=3))
+    error, words = (
+        (MissingCheckpointFileError, "is missing")
+        if damage == "missing"
+        else (UnreadableCheckpointFileError, "cannot be used")
+    )
+    prefix = f"Cannot resume from {checkpoint}: `{SURPLUS_BUFFER_FILE}` (dynamic sampling's surplus groups"
+    with pytest.raises(error, match=re.escape(prefix) + ".*" + words) as raised:
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+    if damage == "old format":
+        assert "it holds the sections ['rows'], expected ['prompt_stream', 'surplus_buffer']" in str(raised.value)
+    assert resumed.steps == [] and resumed._surplus.num_groups == 0
+
+
+def logged(trainer, key):
+    """`key` at every logged step (logging_steps=1); a resumed run's history starts with the checkpoint's."""
+    return [entry[key] for entry in trainer.state.log_history if key in entry and "train_runtime" not in entry]
+
+
+def dapo_trainer(model, output_dir, **overrides):
+    """A DAPO trainer (dynamic sampling on) on PROMPTS, 16 rows (4 groups) per generation. Overlong filtering is off:
+    the tiny model rarely ends a completion within 8 tokens, so it would mask nearly every row out of the loss."""
+    settings = dict(gradient_accumulation_steps=2, mask_truncated_completions=False)
+    settings.update(overrides)
+    args = make_config(DAPOConfig, output_dir, **settings)
+    return DAPOTrainer(
+        model=model, reward_funcs=signal_reward, args=args, train_dataset=Dataset.from_dict({"prompt": PROMPTS})
+    )
+
+
+def test_dapo_resume_continues_exactly_like_an_uninterrupted_run(tiny_model_path, tmp_path):
+    """6 DAPO steps with a checkpoint every 3, against 3 steps resumed from checkpoint-3 (same seed): the same loss at
+    every step after the checkpoint and the same final weights. At the checkpoint the surplus buffer holds a group and
+    the extra-prompt stream is inside its first epoch; after it the stream moves on to its second epoch."""
+    settings = dict(max_steps=6, save_strategy="steps", save_steps=3)
+    uninterrupted = dapo_trainer(tiny_model_path, tmp_path / "a", **settings)
+    uninterrupted.train()
+    stream_batches = [int(rounds) - 1 for rounds in logged(uninterrupted, "dynamic_sampling/rounds")]  # rounds 2, 3..
+    batches_per_epoch = len(PROMPTS) // 4  # 4 prompts per batch, one process
+    assert sum(stream_batches[:3]) % batches_per_epoch != 0 and sum(stream_batches) > batches_per_epoch
+    assert logged(uninterrupted, "dynamic_sampling/buffer_size")[2] > 0
+
+    resumed = dapo_trainer(tiny_model_path, tmp_path / "b", **settings)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+    resumed_losses, losses = logged(resumed, "loss"), logged(uninterrupted, "loss")
+    assert len(resumed_losses) == len(losses) == 6
+    assert max(abs(a - b) for a, b in zip(resumed_losses[3:], losses[3:], strict=True)) <= 1e-6
+    expected = dict(uninterrupted.model.named_parameters())
+    for name, param in resumed.model.named_parameters():
+        assert (param - expected[name]).abs().max().item() <= 1e-6, name
+    assert logged(resumed, "dynamic_sampling/rounds")[3:] == logged(uninterrupted, "dynamic_sampling/rounds")[3:]
 
 
 @pytest.mark.parametrize("estimator", ["rloo", "reinforce_pp_baseline"])
@@ -697,3 +839,20 @@ def test_two_processes_strict_exhaustion_raises_on_both(two_process_run):
         run = rank["strict"]
         assert run["error"] is not None and "max_num_gen_batches" in run["error"]
         assert run["steps"] == []
+
+
+def test_two_processes_resume_continues_exactly_like_an_uninterrupted_run(two_process_run):
+    """The extra-prompt stream is sharded like the training dataloader; every process takes the same number of its
+    batches, so its position, saved once by the main process, is every process's."""
+    for rank in two_process_run:
+        run = rank["resume"]
+        uninterrupted, resumed = run["uninterrupted"], run["resumed"]
+        assert len(uninterrupted["losses"]) == len(resumed["losses"]) == 4  # the resumed history starts with 2 saved
+        assert max(abs(a - b) for a, b in zip(resumed["losses"][2:], uninterrupted["losses"][2:], strict=True)) <= 1e-6
+        assert run["max_weight_difference"] <= 1e-6
+        assert resumed["rounds"] == uninterrupted["rounds"]
+        assert resumed["stream"] == uninterrupted["stream"]
+        batches_taken = int(sum(uninterrupted["rounds"][:2])) - 2  # every round after a step's first takes a batch
+        assert 0 < batches_taken < 5  # the checkpoint is inside the stream's first epoch (5 batches of 3 prompts)
+        assert run["saved_stream"] == {"epoch": 0, "batches_taken": batches_taken}
+    assert two_process_run[0]["resume"]["resumed"]["stream"] == two_process_run[1]["resume"]["resumed"]["stream"]

@@ -9,6 +9,7 @@
 - A reward function that returns something other than one number or None per completion is named in the error.
 """
 
+import json
 import logging
 
 import pytest
@@ -21,6 +22,8 @@ import trl_plus
 from trl_plus.algos import masked_whiten
 from trl_plus.algos.advantages import grpo_advantages
 from trl_plus.algos.value import explained_variance
+from trl_plus.trainer.checkpoints import MissingCheckpointFileError
+from trl_plus.trainer.grpo import NONFINITE_STEPS_FILE
 from trl_plus.trainer.nonfinite import NonFiniteStepGuard, NonFiniteTrainingError
 
 INF = float("inf")
@@ -316,3 +319,24 @@ def test_guard_counts_and_resets():
 def test_max_consecutive_nonfinite_steps_is_validated(tmp_path):
     with pytest.raises(ValueError, match="`max_consecutive_nonfinite_steps` is 0; valid: an int >= 1"):
         make_config(trl_plus.GRPOConfig, tmp_path, max_consecutive_nonfinite_steps=0)
+
+
+def test_resume_restores_the_skipped_step_counts_or_fails_loudly(tiny_model_path, prompt_dataset, tmp_path):
+    settings = dict(trainer_class=PoisonedTrainer, max_steps=2, save_strategy="steps", save_steps=1)
+    first, _ = build("grpo", tiny_model_path, prompt_dataset, tmp_path / "a", DigitReward(), **settings)
+    first.poisoned_steps = (0,)  # step 1 skipped: the checkpoint after it holds 1 skipped, 1 in a row
+    first.train()
+    checkpoint = tmp_path / "a" / "checkpoint-1"
+    assert json.loads((checkpoint / NONFINITE_STEPS_FILE).read_text()) == {
+        "step_guard": {"num_skipped": 1, "num_consecutive": 1}
+    }
+
+    resumed, metrics = build("grpo", tiny_model_path, prompt_dataset, tmp_path / "b", DigitReward(), **settings)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert metrics.values("nonfinite/skipped_steps") == [1]  # step 2 is finite; the run's count carries on
+    assert resumed._step_guard.state_dict() == {"num_skipped": 1, "num_consecutive": 0}
+
+    (checkpoint / NONFINITE_STEPS_FILE).unlink()
+    again, _ = build("grpo", tiny_model_path, prompt_dataset, tmp_path / "c", DigitReward(), **settings)
+    with pytest.raises(MissingCheckpointFileError, match=f"`{NONFINITE_STEPS_FILE}` \\(the counts of optimizer steps"):
+        again.train(resume_from_checkpoint=str(checkpoint))

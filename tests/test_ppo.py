@@ -13,7 +13,9 @@ import inspect
 import json
 import logging
 import math
+import re
 import runpy
+import shutil
 import sys
 from pathlib import Path
 
@@ -31,6 +33,7 @@ import trl_plus
 from trl_plus.algos import masked_whiten
 from trl_plus.algos.value import AdaptiveKLController, gae, kl_shaped_token_rewards, length_adaptive_lambda
 from trl_plus.scripts.algorithms import ALGORITHMS, Algorithm
+from trl_plus.trainer.checkpoints import MissingCheckpointFileError, UnreadableCheckpointFileError
 from trl_plus.trainer.ppo import PPO_STATE_FILE, VALUE_HEAD_FILE, PPOConfig, PPOTrainer, VAPOConfig, VAPOTrainer
 
 LETTERS = "abcdefgh"
@@ -1010,6 +1013,159 @@ def test_separate_value_model_trains_saves_and_resumes(tiny_model_path, dataset,
     resumed.train(resume_from_checkpoint=str(checkpoint))
     for name, param in resumed.model.named_parameters():
         assert_close(param, final[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+class CountingReward:
+    """`letter_reward`, counting its calls: 0 calls means nothing was generated, so no step was trained."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, prompts, completions, **kwargs):
+        self.calls += 1
+        return letter_reward(prompts, completions)
+
+
+LORA_CRITIC_RUN = dict(max_steps=1, save_strategy="steps", save_steps=1, kl_target=0.01, kl_horizon=100.0)
+VALUE_MODEL_RUN = dict(max_steps=1, save_strategy="steps", save_steps=1, learning_rate=1e-3)
+
+
+@pytest.fixture(scope="module")
+def saved_checkpoints(tiny_model_path, tmp_path_factory):
+    """checkpoint-1 of a 1-step run with the LoRA critic (adaptive beta), and of one with a separate value model."""
+    checkpoints = {}
+    for name, settings in (("lora", LORA_CRITIC_RUN), ("value_model", VALUE_MODEL_RUN)):
+        output_dir = tmp_path_factory.mktemp(f"ppo-{name}")
+        value_model = {"value_model": tiny_model_path} if name == "value_model" else {}
+        dataset = Dataset.from_dict({"prompt": PROMPTS})
+        make_trainer(tiny_model_path, dataset, output_dir, **settings, **value_model).train()
+        checkpoints[name] = output_dir / "checkpoint-1"
+    return checkpoints
+
+
+def damaged_copy(checkpoint: Path, tmp_path: Path, name: str, damage: str) -> Path:
+    """A copy of `checkpoint` whose file (or folder) `name` is missing, cut to half its bytes (a write interrupted by a
+    crash) or, for a safetensors file, rewritten without its first tensor."""
+    copy = tmp_path / checkpoint.name
+    shutil.copytree(checkpoint, copy)
+    path = copy / name
+    if damage == "missing":
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    elif damage == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        tensors = safetensors.torch.load_file(path)
+        del tensors[sorted(tensors)[0]]
+        safetensors.torch.save_file(tensors, path)
+    return copy
+
+
+def expected_error(checkpoint: Path, name: str, holds: str, damage: str) -> tuple[type, str]:
+    """The error and the start of its message; `holds` is the start of what the file holds (a section added to
+    `ppo_state.json` is appended to its description)."""
+    error, words = (
+        (MissingCheckpointFileError, "is missing")
+        if damage == "missing"
+        else (UnreadableCheckpointFileError, "cannot be used")
+    )
+    return error, re.escape(f"Cannot resume from {checkpoint}: `{name}` ({holds}") + r"[^)]*\) " + words
+
+
+LORA_CRITIC_FILES = [
+    ("critic/adapter_model.safetensors", "the critic's LoRA adapter weights"),
+    ("critic/value_head.safetensors", "the LoRA critic's value head"),
+    ("ppo_state.json", "PPO's state: kl_controller"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "holds", "damage"),
+    [
+        (name, holds, damage)
+        for name, holds in LORA_CRITIC_FILES
+        for damage in ("missing", "truncated", "incomplete")
+        if damage != "incomplete" or name.endswith(".safetensors")  # JSON has no tensors to leave out
+    ],
+)
+def test_resume_refuses_a_lora_critic_checkpoint_with_a_missing_or_unusable_file(
+    saved_checkpoints, tiny_model_path, dataset, tmp_path, name, holds, damage
+):
+    """Today's failure modes: without the critic adapter's weights the Trainer skipped `critic/` and the critic
+    resumed as initialized while its value head was restored; without `ppo_state.json` beta went back to its initial
+    value; without the head, a bare FileNotFoundError. Now each stops the resume, naming the file, before any step; the
+    critic's files are checked before the Trainer loads any weight."""
+    checkpoint = damaged_copy(saved_checkpoints["lora"], tmp_path, name, damage)
+    reward = CountingReward()
+    trainer = make_trainer(tiny_model_path, dataset, tmp_path / "out", reward=reward, **LORA_CRITIC_RUN)
+    initial = {key: param.detach().clone() for key, param in trainer.model.named_parameters()}
+    error, message = expected_error(checkpoint, name, holds, damage)
+    with pytest.raises(error, match=message):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert reward.calls == 0
+    assert trainer._kl_controller.value == trainer.beta == 0.05
+    unchanged = [torch.equal(param, initial[key]) for key, param in trainer.model.named_parameters()]
+    # ppo_state.json is read after the Trainer loaded the weights (not before training continues)
+    assert all(unchanged) if name.startswith("critic/") else not all(unchanged)
+
+
+@pytest.mark.parametrize(
+    ("name", "damage", "holds"),
+    [
+        ("value_model", "missing", "the value model, saved by `save_pretrained`"),
+        ("value_model/config.json", "missing", "the value model's config"),
+        ("value_model/model.safetensors", "missing", "the value model's weights"),
+        ("value_model/model.safetensors", "truncated", "the value model's weights"),
+        ("value_model/", "incomplete", "the value model"),  # readable, but a weight is not in it
+    ],
+)
+def test_resume_refuses_a_checkpoint_with_a_missing_or_unusable_value_model(
+    saved_checkpoints, tiny_model_path, dataset, tmp_path, name, damage, holds
+):
+    target = "value_model/model.safetensors" if damage == "incomplete" else name
+    checkpoint = damaged_copy(saved_checkpoints["value_model"], tmp_path, target, damage)
+    reward = CountingReward()
+    trainer = make_trainer(
+        tiny_model_path, dataset, tmp_path / "out", reward=reward, value_model=tiny_model_path, **VALUE_MODEL_RUN
+    )
+    initial = {key: param.detach().clone() for key, param in trainer.model.named_parameters()}
+    error, message = expected_error(checkpoint, name, holds, damage)
+    with pytest.raises(error, match=message) as raised:
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert reward.calls == 0
+    unchanged = [torch.equal(param, initial[key]) for key, param in trainer.model.named_parameters()]
+    if damage == "incomplete":  # found when the value model is loaded, after the policy's weights
+        assert "{'missing_keys': {'model.embed_tokens.weight'}}" in str(raised.value) and not all(unchanged)
+    else:  # found before the Trainer loads any weight
+        assert all(unchanged)
+
+
+@pytest.mark.parametrize(
+    ("state", "words"),
+    [
+        ({}, "it holds the sections [], expected ['kl_controller'"),
+        (
+            {"kl_controller": {"value": 0.06, "target": 0.01, "horizon": 100.0}, "unknown": {}},
+            "it holds the sections ['kl_controller', 'unknown'], expected ['kl_controller'",
+        ),
+        ({"kl_controller": {"value": 0.06}}, "AdaptiveKLController.load_state_dict expects the keys"),
+        ({"kl_controller": {"value": -1.0, "target": 0.01, "horizon": 100.0}}, "value must be"),
+    ],
+)
+def test_resume_refuses_a_ppo_state_without_exactly_its_sections(
+    saved_checkpoints, tiny_model_path, dataset, tmp_path, state, words
+):
+    checkpoint = tmp_path / "checkpoint-1"
+    shutil.copytree(saved_checkpoints["lora"], checkpoint)
+    (checkpoint / PPO_STATE_FILE).write_text(json.dumps(state))
+    trainer = make_trainer(tiny_model_path, dataset, tmp_path / "out", **LORA_CRITIC_RUN)
+    with pytest.raises(
+        UnreadableCheckpointFileError,
+        match=re.escape(f"`{PPO_STATE_FILE}` (PPO's state: kl_controller") + r"[^)]*\) cannot be used",
+    ) as raised:
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert words in str(raised.value)
+    assert trainer._kl_controller.value == 0.05
 
 
 def test_reward_model_object_as_the_critic(tiny_model_path, dataset, tmp_path):

@@ -5,12 +5,14 @@
 
 Each process trains (gloo on CPU) and writes `DIR/rank{RANK}.json`: for every generation step, its own row count and
 tensor shapes, the dynamic-sampling metrics, and the rows of the whole global batch (gathered: rank, prompt,
-completion, reward, masked), re-scored from the decoded text. Three runs, one after the other:
+completion, reward, masked), re-scored from the decoded text. Four runs, one after the other:
 
 - `signal`: 6 rows per process and 4 completions per prompt, so the 3 groups of a step are rows 0-3 | 4-7 | 8-11 and
   group 1 straddles the processes; `+` prompts have a reward signal, `-` prompts (about half) never do. 3 steps.
 - `exhausted`: every reward is 1.0 and max_num_gen_batches=2: one step on a fully masked batch.
 - `strict`: the same with dynamic_sampling_strict=True: every process must raise RuntimeError (none may hang).
+- `resume`: as `signal`, 4 steps with a checkpoint after 2, then 2 steps resumed from it: the logged losses, the
+  extra-prompt stream's position and the largest difference between the two runs' final weights.
 
 An exception other than that RuntimeError fails the launch (non-zero exit code).
 """
@@ -19,11 +21,13 @@ import argparse
 import json
 import os
 
+import torch
 from accelerate.utils import gather_object
 from datasets import Dataset
 from fixed_batch import exit_process
 
 from trl_plus import GRPOConfig, GRPOTrainer
+from trl_plus.trainer.grpo import SURPLUS_BUFFER_FILE
 
 # `+` prompts have a reward signal, `-` prompts never do; 1- and 2-digit operands give prompts of 4 to 6 characters.
 PROMPTS = [f"{a}{op}{b}=" for a in (1, 2, 11, 12) for b in (3, 14) for op in "+-"]
@@ -92,7 +96,7 @@ class RecordingTrainer(MicroBatchRecorder):
         return batch
 
 
-def run(model, output_dir, reward, **overrides):
+def make_trainer(model, output_dir, reward, **overrides):
     settings = dict(
         output_dir=output_dir,
         use_cpu=True,
@@ -112,9 +116,13 @@ def run(model, output_dir, reward, **overrides):
     )
     settings.update(overrides)
     args = GRPOConfig(**settings)
-    trainer = RecordingTrainer(
+    return RecordingTrainer(
         model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_dict({"prompt": PROMPTS})
     )
+
+
+def run(model, output_dir, reward, **overrides):
+    trainer = make_trainer(model, output_dir, reward, **overrides)
     error = None
     try:
         trainer.train()
@@ -129,6 +137,31 @@ def run(model, output_dir, reward, **overrides):
         "error": error,
         "world_size": trainer.accelerator.num_processes,
         "rank": trainer.accelerator.process_index,
+    }
+
+
+def resume(model, output_dir):
+    settings = dict(max_steps=4, save_strategy="steps", save_steps=2)
+    checkpoint = os.path.join(output_dir, "uninterrupted", "checkpoint-2")
+    trainers = {}
+    for name, resume_from_checkpoint in (("uninterrupted", None), ("resumed", checkpoint)):
+        trainers[name] = make_trainer(model, os.path.join(output_dir, name), signal_reward, **settings)
+        trainers[name].train(resume_from_checkpoint=resume_from_checkpoint)
+    weights = dict(trainers["uninterrupted"].model.named_parameters())
+    saved_stream = torch.load(os.path.join(checkpoint, SURPLUS_BUFFER_FILE), weights_only=True)["prompt_stream"]
+    return {
+        **{
+            name: {
+                "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+                "rounds": [entry["dynamic_sampling/rounds"] for entry in trainer.state.log_history if "loss" in entry],
+                "stream": trainer._extra_prompt_batches.state_dict(),
+            }
+            for name, trainer in trainers.items()
+        },
+        "saved_stream": saved_stream,
+        "max_weight_difference": max(
+            (param - weights[name]).abs().max().item() for name, param in trainers["resumed"].model.named_parameters()
+        ),
     }
 
 
@@ -150,6 +183,7 @@ def main():
             max_num_gen_batches=2,
             dynamic_sampling_strict=True,
         ),
+        "resume": resume(cli.model, os.path.join(cli.out, "resume")),
     }
     results["world_size"] = results["signal"]["world_size"]
     rank = results["signal"]["rank"]

@@ -1,7 +1,7 @@
-"""What is generated and kept: DAPO dynamic sampling (group filter, row bookkeeping, surplus buffer) and ReMax's
-greedy rows."""
+"""What is generated and kept: DAPO dynamic sampling (group filter, row bookkeeping, surplus buffer, extra-prompt
+stream) and ReMax's greedy rows."""
 
-from .dynamic import SurplusBuffer, groups_with_signal, split_rows, stack_rows
+from .dynamic import PromptBatchStream, SurplusBuffer, groups_with_signal, split_rows, stack_rows
 from .remax import (
     GreedyRowsLogitsProcessor,
     append_greedy_completions,
@@ -13,6 +13,7 @@ from .remax import (
 
 __all__ = [
     "GreedyRowsLogitsProcessor",
+    "PromptBatchStream",
     "append_greedy_completions",
     "greedy_last_in_vllm_server",
     "greedy_rows_in_vllm_colocate",

@@ -1,8 +1,11 @@
 """DAPO dynamic sampling (arXiv 2503.14476 sec. 3.2): keep only groups whose rewards are not all equal.
 
 A batch is handled as a list of rows, one dict of tensors per completion, so rows from several generation rounds (of
-different padded widths) and from the surplus buffer can be mixed, then stacked back into one padded batch.
+different padded widths) and from the surplus buffer can be mixed, then stacked back into one padded batch. The
+surplus buffer and the stream of extra prompts have state that checkpoints hold (`state_dict` / `load_state_dict`).
 """
+
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -86,4 +89,71 @@ class SurplusBuffer:
         return {"rows": [{key: value.cpu() for key, value in row.items()} for row in self.rows]}
 
     def load_state_dict(self, state: dict) -> None:
+        _check_keys(self, state, {"rows"})
+        if len(state["rows"]) % self.group_size:
+            raise ValueError(f"{len(state['rows'])} buffered rows are not whole groups of {self.group_size}.")
         self.rows = list(state["rows"])
+
+
+class PromptBatchStream:
+    """Endless batches of prompts: the batches of `make_batches(0)`, then of `make_batches(1)`, ... (one iterable per
+    epoch, e.g. a DataLoader whose sampler is seeded by the epoch). Its state is its position: the epoch and the
+    number of batches taken from it, restored by skipping that many, so `make_batches(epoch)` must give the same
+    batches every time it is called with the same epoch.
+
+    >>> stream = PromptBatchStream(lambda epoch: [[epoch, 0], [epoch, 1]])
+    >>> [next(stream) for _ in range(3)], stream.state_dict()
+    ([[0, 0], [0, 1], [1, 0]], {'epoch': 1, 'batches_taken': 1})
+    >>> resumed = PromptBatchStream(lambda epoch: [[epoch, 0], [epoch, 1]])
+    >>> resumed.load_state_dict(stream.state_dict())
+    >>> next(resumed)
+    [1, 1]
+    """
+
+    def __init__(self, make_batches: Callable[[int], Iterable]):
+        self._make_batches = make_batches
+        self.epoch = 0
+        self.batches_taken = 0  # from this epoch's iterable
+        self._batches = None  # this epoch's iterator, started by the first batch taken from it
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while True:
+            if self._batches is None:
+                self._batches = self._resume_epoch() if self.batches_taken else iter(self._make_batches(self.epoch))
+            batch = next(self._batches, _END)
+            if batch is not _END:
+                self.batches_taken += 1
+                return batch
+            self.epoch, self.batches_taken, self._batches = self.epoch + 1, 0, None
+
+    def _resume_epoch(self):
+        """This epoch's iterator past the batches taken before a restored position."""
+        # A DataLoader draws its workers' base seed from the global CPU RNG when its iteration starts. The run that
+        # saved this position started this epoch before it saved its RNG states, which the Trainer restores; drawing
+        # again here would shift every random number after the resume.
+        with torch.random.fork_rng(devices=[]):
+            batches = iter(self._make_batches(self.epoch))
+            for _ in range(self.batches_taken):
+                next(batches, None)
+        return batches
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_taken": self.batches_taken}
+
+    def load_state_dict(self, state: dict) -> None:
+        _check_keys(self, state, {"epoch", "batches_taken"})
+        if not all(isinstance(state[key], int) and state[key] >= 0 for key in state):
+            raise ValueError(f"{type(self).__name__} position must be integers >= 0, got {state}.")
+        self.epoch, self.batches_taken, self._batches = state["epoch"], state["batches_taken"], None
+
+
+_END = object()
+
+
+def _check_keys(obj: object, state: dict, expected: set[str]) -> None:
+    if not isinstance(state, dict) or set(state) != expected:
+        saved = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{type(obj).__name__} state must have the keys {sorted(expected)}, got {saved}.")

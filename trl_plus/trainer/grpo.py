@@ -12,6 +12,7 @@ With default settings nothing here runs: advantages and loss are TRL's own, so t
 """
 
 import inspect
+import json
 import logging
 import os
 from contextlib import nullcontext
@@ -41,6 +42,7 @@ from ..algos.process_rewards import process_advantages
 from ..rewards import MajorityVoteReward, OverlongPenalty, ProcessReward
 from ..rewards.checks import checked_reward_func, unscore_non_finite
 from ..sampling import (
+    PromptBatchStream,
     SurplusBuffer,
     greedy_last_in_vllm_server,
     greedy_row_mask,
@@ -50,6 +52,7 @@ from ..sampling import (
     split_rows,
     stack_rows,
 )
+from .checkpoints import read_json, read_sections, read_torch, section_states
 from .field_types import check_field_types
 from .nonfinite import NonFiniteStepGuard, NonFiniteTrainingError
 
@@ -69,7 +72,10 @@ TRL_CHOICES_CHECKED_LATE = {
     "importance_sampling_level": ("token", "sequence"),
     "vllm_importance_sampling_mode": ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"),
 }
-SURPLUS_BUFFER_FILE = "dynamic_sampling_buffer.pt"
+SURPLUS_BUFFER_FILE = "dynamic_sampling_buffer.pt"  # {"surplus_buffer": ..., "prompt_stream": ...}
+_SURPLUS_BUFFER_HOLDS = "dynamic sampling's surplus groups and its position in the stream of extra prompts"
+NONFINITE_STEPS_FILE = "nonfinite_steps.json"  # {"step_guard": NonFiniteStepGuard.state_dict()}
+_NONFINITE_STEPS_HOLDS = "the counts of optimizer steps skipped for a non-finite loss or gradient norm"
 # Inputs that `_get_per_token_logps_and_entropies` forwards to multimodal models.
 _MODEL_INPUT_KEYS = (
     "pixel_values",
@@ -416,7 +422,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         self._surplus = SurplusBuffer(
             self.num_generations, capacity_groups=args.generation_batch_size // self.num_generations
         )
-        self._extra_prompt_batches = self._prompt_batch_stream()
+        self._extra_prompt_batches = PromptBatchStream(self._extra_prompt_loader)
         self._policy_loss_hyperparameters = {
             "eps_low": self.epsilon_low,
             "eps_high": self.epsilon_high,
@@ -764,43 +770,56 @@ class GRPOTrainer(trl.GRPOTrainer):
     def _to_cpu(batch: dict) -> dict:
         return {key: value.cpu() if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
-    def _prompt_batch_stream(self):
-        """Endless batches of fresh prompts for dynamic-sampling rounds, sharded like the training dataloader.
+    def _extra_prompt_loader(self, epoch: int):
+        """One epoch of fresh prompts for dynamic-sampling rounds, sharded like the training dataloader.
 
-        A second sampler (its own seed, one repeat) rather than the trainer's dataloader, which the training loop owns.
+        A second sampler (its own seed for each epoch, one repeat) rather than the trainer's dataloader, which the
+        training loop owns. Every process takes as many batches (the rounds are decided from gathered data), so the
+        stream's position is the same on every process.
         """
-        epoch = 0
-        while True:
-            sampler = RepeatSampler(
-                self.train_dataset,
-                mini_repeat_count=self.num_generations,
-                batch_size=self.args.generation_batch_size // self.num_generations,
-                shuffle=self.shuffle_dataset,
-                seed=self.args.seed + 1 + epoch,
-            )
-            yield from self._get_dataloader(
-                dataset=self.train_dataset,
-                description="Dynamic sampling",
-                batch_size=self._train_batch_size * self.args.steps_per_generation,
-                sampler_fn=lambda _dataset, sampler=sampler: sampler,
-                is_training=True,
-            )
-            epoch += 1
+        sampler = RepeatSampler(
+            self.train_dataset,
+            mini_repeat_count=self.num_generations,
+            batch_size=self.args.generation_batch_size // self.num_generations,
+            shuffle=self.shuffle_dataset,
+            seed=self.args.seed + 1 + epoch,
+        )
+        return self._get_dataloader(
+            dataset=self.train_dataset,
+            description="Dynamic sampling",
+            batch_size=self._train_batch_size * self.args.steps_per_generation,
+            sampler_fn=lambda _dataset: sampler,
+            is_training=True,
+        )
 
     # ------------------------------------------------------------------ checkpoints
+    @property
+    def _dynamic_sampling_state(self) -> dict:
+        """What a dynamic-sampling step depends on besides the weights and RNG states, by section of its file."""
+        return {"surplus_buffer": self._surplus, "prompt_stream": self._extra_prompt_batches}
+
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        if self.args.dynamic_sampling and self.args.should_save:
-            checkpoint_dir = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
-            torch.save(self._surplus.state_dict(), os.path.join(checkpoint_dir, SURPLUS_BUFFER_FILE))
+        if not self.args.should_save:
+            return
+        checkpoint_dir = os.path.join(
+            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        )
+        with open(os.path.join(checkpoint_dir, NONFINITE_STEPS_FILE), "w") as file:
+            json.dump(section_states({"step_guard": self._step_guard}), file)
+        if self.args.dynamic_sampling:
+            torch.save(section_states(self._dynamic_sampling_state), os.path.join(checkpoint_dir, SURPLUS_BUFFER_FILE))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
+        if checkpoint is not None:
+            read_sections(
+                checkpoint, NONFINITE_STEPS_FILE, _NONFINITE_STEPS_HOLDS, read_json, {"step_guard": self._step_guard}
+            )
+        if self.args.dynamic_sampling and checkpoint is not None:
+            read_sections(
+                checkpoint, SURPLUS_BUFFER_FILE, _SURPLUS_BUFFER_HOLDS, read_torch, self._dynamic_sampling_state
+            )
         super()._load_optimizer_and_scheduler(checkpoint)
-        path = os.path.join(checkpoint, SURPLUS_BUFFER_FILE) if checkpoint is not None else None
-        if self.args.dynamic_sampling and path is not None and os.path.exists(path):
-            self._surplus.load_state_dict(torch.load(path, weights_only=True))
 
     # ------------------------------------------------------------------ non-finite guard
     def training_step(self, model, inputs, num_items_in_batch):

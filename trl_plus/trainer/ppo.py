@@ -23,7 +23,9 @@ path loaded with `AutoModelForTokenClassification(num_labels=1)`, or a model obj
 (non-PEFT) policy without `value_model` gets one initialized from its own checkpoint. Either way the critic's modules
 are attributes of the trained model (`value_head` or `value_model`), so the Trainer's optimizer
 (`critic_learning_rate` gets its own parameter groups), gradient clipping, LR schedule and optimizer checkpoint cover
-them; their weights are saved next to the policy's (`critic/` and `value_model/` in a checkpoint).
+them; their weights are saved next to the policy's (`critic/` and `value_model/` in a checkpoint), the KL
+controller in `ppo_state.json`. A resume restores all of them or raises, before training continues, an error naming
+the file that is missing or unusable (`trl_plus.trainer.checkpoints`).
 
 Why the critic gets its own backward: its forward must run with the critic adapter active and the policy's with the
 policy adapter active, and gradient checkpointing re-runs each layer's forward during the backward, reading whichever
@@ -69,9 +71,11 @@ from dataclasses import dataclass, field
 import safetensors.torch
 import torch
 from accelerate.utils import is_peft_model
+from peft import get_peft_model_state_dict
 from torch import nn
 from transformers import AutoModelForTokenClassification, PreTrainedModel
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import ADAPTER_SAFE_WEIGHTS_NAME, CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import create_model_from_path, disable_dropout_in_model, get_config_model_id
 
@@ -87,6 +91,16 @@ from ..algos.value import (
     kl_shaped_token_rewards,
     length_adaptive_lambda,
 )
+from .checkpoints import (
+    check_shapes,
+    read_file,
+    read_json,
+    read_sections,
+    reading,
+    require_file,
+    safetensors_shapes,
+    section_states,
+)
 from .field_types import check_field_types
 from .grpo import GRPOConfig, GRPOTrainer
 
@@ -97,7 +111,9 @@ CRITIC_ADAPTER = "critic"
 VALUE_HEAD = "value_head"  # attribute of the trained model holding the LoRA critic's head
 VALUE_MODEL = "value_model"  # attribute of the trained model holding a separate critic
 VALUE_HEAD_FILE = "value_head.safetensors"  # saved in the critic adapter's folder, `critic/`
-PPO_STATE_FILE = "ppo_state.json"
+PPO_STATE_FILE = "ppo_state.json"  # {section: state}, see `PPOTrainer._ppo_state`
+_CRITIC_ADAPTER_FILE = f"{CRITIC_ADAPTER}/{ADAPTER_SAFE_WEIGHTS_NAME}"
+_VALUE_HEAD_PATH = f"{CRITIC_ADAPTER}/{VALUE_HEAD_FILE}"
 NEGATIVE_EXPLAINED_VARIANCE_WARNING_EVERY = 100  # optimizer steps between two warnings about a critic worse than none
 
 
@@ -916,24 +932,88 @@ class PPOTrainer(GRPOTrainer):
             getattr(model, VALUE_MODEL).save_pretrained(os.path.join(output_dir, VALUE_MODEL))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
         unwrapped = self.accelerator.unwrap_model(self.model)
+        # The critic's files are checked before the Trainer loads any weight, so a bad checkpoint changes nothing.
+        if self._uses_lora_critic:
+            self._check_critic_adapter(resume_from_checkpoint, unwrapped)
+            head_state = self._read_value_head(resume_from_checkpoint, getattr(unwrapped, VALUE_HEAD))
+        else:
+            self._check_value_model_files(resume_from_checkpoint)
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
         if self._uses_lora_critic:  # the Trainer reloaded the `critic/` adapter (frozen); the head is ours
-            state = safetensors.torch.load_file(os.path.join(resume_from_checkpoint, CRITIC_ADAPTER, VALUE_HEAD_FILE))
-            getattr(unwrapped, VALUE_HEAD).load_state_dict(state)
+            getattr(unwrapped, VALUE_HEAD).load_state_dict(head_state)
             unwrapped.set_adapter(POLICY_ADAPTER)
         else:
-            value_model = getattr(unwrapped, VALUE_MODEL)
-            saved = type(value_model).from_pretrained(
-                os.path.join(resume_from_checkpoint, VALUE_MODEL), dtype=next(value_model.parameters()).dtype
-            )
-            value_model.load_state_dict(saved.state_dict())
+            self._load_saved_value_model(resume_from_checkpoint, getattr(unwrapped, VALUE_MODEL))
         self._restore_trainable()
+
+    @staticmethod
+    def _check_critic_adapter(checkpoint: str, model) -> None:
+        """The Trainer reloads the adapter of every checkpoint subfolder that holds an adapter weights file, and only
+        those: without this check, a `critic/` that lost its file would resume with the critic adapter as initialized
+        (and the value head restored)."""
+        holds = "the critic's LoRA adapter weights"
+        saved = read_file(checkpoint, _CRITIC_ADAPTER_FILE, holds, safetensors_shapes)
+        expected = get_peft_model_state_dict(model, adapter_name=CRITIC_ADAPTER)
+        with reading(checkpoint, _CRITIC_ADAPTER_FILE, holds):
+            check_shapes(saved, {name: tuple(tensor.shape) for name, tensor in expected.items()}, allow_extra=True)
+
+    @staticmethod
+    def _read_value_head(checkpoint: str, head: nn.Module) -> dict[str, torch.Tensor]:
+        holds = "the LoRA critic's value head"
+        state = read_file(checkpoint, _VALUE_HEAD_PATH, holds, safetensors.torch.load_file)
+        with reading(checkpoint, _VALUE_HEAD_PATH, holds):
+            check_shapes(
+                {name: tuple(tensor.shape) for name, tensor in state.items()},
+                {name: tuple(tensor.shape) for name, tensor in head.state_dict().items()},
+            )
+        return state
+
+    @staticmethod
+    def _check_value_model_files(checkpoint: str) -> None:
+        """Every file of the saved value model is there and its safetensors headers read (a truncated file fails)."""
+        holds = "the value model, saved by `save_pretrained`"
+        require_file(checkpoint, VALUE_MODEL, holds)
+        require_file(checkpoint, f"{VALUE_MODEL}/{CONFIG_NAME}", "the value model's config")
+        index = f"{VALUE_MODEL}/{SAFE_WEIGHTS_INDEX_NAME}"
+        if os.path.exists(os.path.join(checkpoint, index)):
+            shards = read_file(
+                checkpoint,
+                index,
+                "the index of the value model's weight shards",
+                lambda path: sorted(set(read_json(path)["weight_map"].values())),
+            )
+        else:
+            shards = [SAFE_WEIGHTS_NAME]
+        for shard in shards:
+            read_file(checkpoint, f"{VALUE_MODEL}/{shard}", "the value model's weights", safetensors_shapes)
+
+    @staticmethod
+    def _load_saved_value_model(checkpoint: str, value_model: PreTrainedModel) -> None:
+        """Copy the saved value model's weights into `value_model`; every weight must be in the checkpoint
+        (`from_pretrained` would initialize a missing one at random, with a warning only)."""
+        with reading(checkpoint, f"{VALUE_MODEL}/", "the value model"):
+            saved, loading_info = type(value_model).from_pretrained(
+                os.path.join(checkpoint, VALUE_MODEL),
+                dtype=next(value_model.parameters()).dtype,
+                local_files_only=True,
+                output_loading_info=True,
+            )
+            problems = {key: loading_info[key] for key in ("missing_keys", "mismatched_keys") if loading_info[key]}
+            if problems:
+                raise ValueError(f"it does not match the value model: {problems}")
+            value_model.load_state_dict(saved.state_dict())
 
     def _issue_warnings_after_load(self, load_result):
         if not self._uses_lora_critic:  # the value model is loaded from its own folder
             load_result.missing_keys[:] = [k for k in load_result.missing_keys if not k.startswith(f"{VALUE_MODEL}.")]
         super()._issue_warnings_after_load(load_result)
+
+    @property
+    def _ppo_state(self) -> dict:
+        """PPO's state besides the weights, by section of `ppo_state.json`: objects with `state_dict` /
+        `load_state_dict` (JSON-serializable states). A new section is one more entry."""
+        return {"kl_controller": self._kl_controller, "value_pretraining": self._value_pretraining}
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
@@ -941,24 +1021,16 @@ class PPOTrainer(GRPOTrainer):
             checkpoint_dir = os.path.join(
                 self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             )
-            state = {
-                "kl_controller": self._kl_controller.state_dict(),
-                "value_pretraining": self._value_pretraining.state_dict(),
-            }
             with open(os.path.join(checkpoint_dir, PPO_STATE_FILE), "w") as file:
-                json.dump(state, file)
+                json.dump(section_states(self._ppo_state), file)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
-        path = os.path.join(checkpoint, PPO_STATE_FILE) if checkpoint is not None else None
-        if path is not None and os.path.exists(path):
-            with open(path) as file:
-                state = json.load(file)
-            self._kl_controller.load_state_dict(state["kl_controller"])
-            if "value_pretraining" in state:  # checkpoints from before the readiness check have a fixed count
-                self._value_pretraining.load_state_dict(state["value_pretraining"])
+        if checkpoint is not None:
+            sections = self._ppo_state
+            read_sections(checkpoint, PPO_STATE_FILE, f"PPO's state: {', '.join(sections)}", read_json, sections)
             if self.beta != 0.0:
                 self.beta = self._kl_controller.value
+        super()._load_optimizer_and_scheduler(checkpoint)
 
 
 class VAPOTrainer(PPOTrainer):
