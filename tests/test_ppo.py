@@ -1146,7 +1146,8 @@ def test_resume_refuses_a_checkpoint_with_a_missing_or_unusable_value_model(
         ({}, "it holds the sections [], expected ['kl_controller'"),
         (
             {"kl_controller": {"value": 0.06, "target": 0.01, "horizon": 100.0}, "unknown": {}},
-            "it holds the sections ['kl_controller', 'unknown'], expected ['kl_controller'",
+            "it holds the sections ['kl_controller', 'unknown', 'value_pretraining'], expected ['kl_controller', "
+            "'value_pretraining']",
         ),
         ({"kl_controller": {"value": 0.06}}, "AdaptiveKLController.load_state_dict expects the keys"),
         ({"kl_controller": {"value": -1.0, "target": 0.01, "horizon": 100.0}}, "value must be"),
@@ -1157,6 +1158,11 @@ def test_resume_refuses_a_ppo_state_without_exactly_its_sections(
 ):
     checkpoint = tmp_path / "checkpoint-1"
     shutil.copytree(saved_checkpoints["lora"], checkpoint)
+    if state:  # each damaged state keeps the saved value-pretraining section, so only its own damage is found
+        state = {
+            **state,
+            "value_pretraining": json.loads((checkpoint / PPO_STATE_FILE).read_text())["value_pretraining"],
+        }
     (checkpoint / PPO_STATE_FILE).write_text(json.dumps(state))
     trainer = make_trainer(tiny_model_path, dataset, tmp_path / "out", **LORA_CRITIC_RUN)
     with pytest.raises(
