@@ -281,9 +281,8 @@ def test_full_policy_without_value_model_gets_a_critic_copied_from_its_checkpoin
     ],
 )
 def test_transformers_methods_ppo_overrides_keep_their_signatures(method, parameters):
-    """The transformers.Trainer methods PPOTrainer wraps (critic checkpoints, param groups, gradient averaging)."""
+    """The transformers.Trainer methods PPOTrainer wraps (critic checkpoints, param groups, pretraining gradients)."""
     assert list(inspect.signature(getattr(transformers.Trainer, method)).parameters) == parameters
-    assert callable(torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model)
 
 
 # ---------------------------------------------------------------------------------------------- the LoRA critic
@@ -336,35 +335,67 @@ def test_critic_values_are_read_where_each_token_is_predicted(tiny_model_path, d
     assert model.active_adapter == "default"
 
 
-def test_each_loss_reaches_only_its_own_parameters(tiny_model_path, dataset, tmp_path):
-    """`_compute_loss` back-propagates the value loss itself (critic adapter active): critic gradients only. The loss
-    it returns back-propagates into the policy adapter only. The base never gets a gradient."""
-    trainer = make_trainer(tiny_model_path, dataset, tmp_path, peft_config=lora(init_lora_weights=False))
-    batch = rollout(trainer)
+def reference_gradients(trainer, batch) -> dict[str, torch.Tensor]:
+    """The gradients of the two-backward implementation (trl_plus before one backward), from its math: the critic
+    forward and vf_coef * value loss back-propagated while the critic adapter is active (so that a checkpointed layer
+    recomputes with it), then TRL's policy loss (`trl_plus.GRPOTrainer._compute_loss`) back-propagated with the
+    policy adapter active. Positive LM loss off (VAPO's only other term)."""
+    from trl_plus.algos.value import clipped_value_loss
+
     model = trainer.model
     model.zero_grad(set_to_none=True)
-    loss = trainer._compute_loss(model, batch)
-    parts = roles(trainer)
-    grads = {name: p.grad for name, p in model.named_parameters()}
-    assert all(grads[name] is not None and grads[name].abs().sum() > 0 for name in parts["critic"])
-    assert all(grads[name] is None for name in [*parts["policy"], *parts["base"]])
-    critic_grads = {name: grads[name].clone() for name in parts["critic"]}
+    trainer._restore_trainable()
+    mask = batch["completion_mask"].float() * batch["scored"].unsqueeze(1)
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    with trainer._critic_active(model):
+        values = trainer._critic_forward(model, input_ids, attention_mask, batch["completion_ids"].size(1))
+        loss_sum, _ = clipped_value_loss(
+            values,
+            batch["old_values"],
+            batch["returns"],
+            mask,
+            trainer.args.cliprange_value,
+            num_tokens=torch.ones(()),
+        )
+        value_loss = loss_sum / trainer._token_mean_normalizer(batch["num_items_in_batch"], "train")
+        (trainer.args.vf_coef * value_loss).backward()
+    trl_plus.GRPOTrainer._compute_loss(trainer, model, batch).backward()
+    gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return gradients
 
+
+def test_the_returned_loss_back_propagates_into_policy_and_critic_at_once(tiny_model_path, dataset, tmp_path):
+    """One backward: `_compute_loss` back-propagates nothing itself; the backward of the loss it returns (policy +
+    vf_coef * value) gives the policy adapter, the critic adapter and the value head the gradients of the two
+    separate backwards, and the base none."""
+    trainer = make_trainer(tiny_model_path, dataset, tmp_path, peft_config=lora(init_lora_weights=False), vf_coef=0.5)
+    batch = rollout(trainer)
+    model = trainer.model
+    expected = reference_gradients(trainer, batch)
+    loss = trainer._compute_loss(model, batch)
+    assert all(p.grad is None for p in model.parameters())  # nothing back-propagated yet
     loss.backward()
-    grads = {name: p.grad for name, p in model.named_parameters()}
-    assert all(grads[name] is not None and grads[name].abs().sum() > 0 for name in parts["policy"])
-    assert all(torch.equal(grads[name], critic_grads[name]) for name in parts["critic"])
-    assert all(grads[name] is None for name in parts["base"])
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    parts = roles(trainer)
+    assert grads.keys() == expected.keys() == {*parts["policy"], *parts["critic"]}
+    for name, grad in expected.items():
+        assert grad.abs().sum() > 0, name
+        assert_close(grads[name], grad, atol=1e-6, rtol=0, msg=name)
     # Both adapters stay trainable, whatever PEFT's set_adapter / disable_adapter did to requires_grad.
     assert all(p.requires_grad for n, p in model.named_parameters() if n in parts["policy"] or n in parts["critic"])
+    assert model.active_adapter == "default"
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_gradient_checkpointing_recomputes_each_forward_with_its_own_adapter(
     tiny_model_path, dataset, tmp_path, use_reentrant
 ):
-    """Checkpointing re-runs layer forwards during the backward, reading the adapter active then; the critic's
-    backward runs while its adapter is active, so the gradients equal those without checkpointing."""
+    """Checkpointing re-runs layer forwards during the one backward, and a PEFT layer reads the adapter active then;
+    `adapter_checkpointing` re-activates the adapter of each layer's forward, so the gradients of the single backward
+    equal those of the two separate backwards (each run with its adapter active) with and without checkpointing. Without
+    the binding the critic's layers recompute with the policy adapter and its gradients are wrong."""
     gradients = {}
     for checkpointing in (False, True):
         kwargs = {"use_reentrant": use_reentrant}
@@ -380,16 +411,56 @@ def test_gradient_checkpointing_recomputes_each_forward_with_its_own_adapter(
             trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             assert trainer.model.get_base_model().model.layers[0].gradient_checkpointing
         batch = rollout(trainer)
-        trainer.model.zero_grad(set_to_none=True)
+        reference = reference_gradients(trainer, batch)
         trainer._compute_loss(trainer.model, batch).backward()
         gradients[checkpointing] = {
             n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None
         }
+        assert gradients[checkpointing].keys() == reference.keys()
+        for name, grad in reference.items():
+            assert_close(gradients[checkpointing][name], grad, atol=1e-6, rtol=0, msg=f"{checkpointing} {name}")
     assert gradients[True].keys() == gradients[False].keys()
     assert len(gradients[False]) == 8 + 10  # policy LoRA + critic LoRA and head
     for name, grad in gradients[False].items():
         assert grad.abs().sum() > 0, name
         assert_close(gradients[True][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+    # The same single backward with transformers' plain checkpoint function (what the binding wraps).
+    trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # new, unbound functions
+    trainer.model.zero_grad(set_to_none=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("trl_plus.trainer.ppo.bind_adapters_to_checkpoints", lambda model: 0)
+        trainer._compute_loss(trainer.model, batch).backward()
+    naive = {n: p.grad for n, p in trainer.model.named_parameters() if ".critic." in n}
+    wrong = [n for n, g in naive.items() if g is None or (g - gradients[False][n]).abs().max() > 1e-4]
+    assert len(naive) == 8 and wrong, "the critic adapter's gradients are right even without the binding"
+
+
+def test_binding_records_each_layers_adapter_and_leaves_requires_grad_alone(tiny_model_path, dataset, tmp_path):
+    """`bind_adapters_to_checkpoints` wraps each decoder layer once (idempotent) and keeps every flag as it was."""
+    from trl_plus.trainer.adapter_checkpointing import bind_adapters_to_checkpoints
+
+    trainer = make_trainer(tiny_model_path, dataset, tmp_path, gradient_checkpointing=True)
+    model = trainer.model
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert bind_adapters_to_checkpoints(model) == bind_adapters_to_checkpoints(model) == 2  # the tiny model's layers
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    layer = model.get_base_model().model.layers[0]
+    seen = []
+    hidden = torch.zeros(1, 3, model.config.hidden_size, requires_grad=True)
+
+    def run(hidden_states):
+        seen.append(layer.self_attn.q_proj.active_adapters)
+        return hidden_states**2  # saves its input: the backward recomputes it
+
+    model.set_adapter("critic")
+    out = layer._gradient_checkpointing_func(run, hidden)
+    model.set_adapter("default")
+    trainer._restore_trainable()
+    out.sum().backward()  # the recompute runs `run` again, with the critic adapter re-activated
+    assert seen == [["critic"], ["critic"]]
+    assert layer.self_attn.q_proj.active_adapters == ["default"]
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
 
 
 # --------------------------------------------------------------------------------------------------- rollouts

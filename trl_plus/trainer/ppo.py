@@ -9,11 +9,11 @@ these hooks (all but `_compute_advantages` wrap `super()`):
   (InstructGPT, arXiv 2203.02155 eq. 2), and GAE (arXiv 1506.02438) turns them into token advantages `(B, T)` and
   value targets. `_generate_and_score_completions` then whitens the advantages over the global batch and updates the
   KL controller (arXiv 1909.08593) once per generation batch.
-- `_compute_loss`: the critic's clipped value loss is computed and back-propagated first, with only the critic active,
-  and its activations are freed; then the policy loss is `super()._compute_loss` (TRL's or the registry's PPO clip on
-  the token advantages), plus VAPO's positive-example NLL. The Trainer back-propagates the returned policy loss.
-- `training_step`: with several processes, averages the critic's gradients over processes before the optimizer step
-  (DDP ignores the critic's parameters; see "Critic" below).
+- `_compute_loss`: the critic's clipped value loss (critic forward with only the critic adapter active) plus the
+  policy loss, `super()._compute_loss` (TRL's or the registry's PPO clip on the token advantages), plus VAPO's
+  positive-example NLL: one loss, policy + vf_coef * value, and one backward by the Trainer.
+- `training_step`: during value pretraining on several processes, drops the policy's all-zero gradients so that the
+  optimizer leaves the frozen policy alone (see "One backward" below).
 
 Critic. By default (`value_model=None`) a PEFT policy gets a critic that is a second LoRA adapter, "critic", plus a
 scalar value head on the policy's own PEFT model: one copy of the base weights serves the policy (adapter "default"),
@@ -27,13 +27,16 @@ them; their weights are saved next to the policy's (`critic/` and `value_model/`
 controller in `ppo_state.json`. A resume restores all of them or raises, before training continues, an error naming
 the file that is missing or unusable (`trl_plus.trainer.checkpoints`).
 
-Why the critic gets its own backward: its forward must run with the critic adapter active and the policy's with the
-policy adapter active, and gradient checkpointing re-runs each layer's forward during the backward, reading whichever
-adapter is active then. Back-propagating the value loss while the critic adapter is still active makes that recompute
-correct, and freeing the critic's activations before the policy forward keeps the peak memory near GRPO's. DDP expects
-one backward per forward of its module, so the critic's parameters are excluded from DDP and `training_step` averages
-their gradients itself. DeepSpeed and FSDP are therefore not supported yet; nor is vLLM (its weight sync would send the
-critic's modules to vLLM).
+One backward for policy and critic. The critic's parameters are ordinary parameters of the prepared model, so DDP
+reduces their gradients with the policy's in the one backward. Gradient checkpointing re-runs each layer's forward
+during the backward, reading whichever adapter is active then; `trl_plus.trainer.adapter_checkpointing` makes every
+checkpointed layer recompute with the adapter that was active in its forward, so the critic's and the policy's
+layers each get their own. The critic forward runs outside DDP's forward, so DDP cannot search it for unused
+parameters: `PPOConfig` sets `ddp_find_unused_parameters=False` (every trainable parameter gets a gradient in every
+backward). During value pretraining the policy loss is skipped; on several processes a zero-weighted one-token
+policy forward then gives the policy exact zero gradients (DDP's forward arms its gradient reduction, and without
+unused-parameter search it waits for every parameter), and `training_step` drops them before the optimizer step.
+DeepSpeed and FSDP are not supported yet; nor is vLLM (its weight sync would send the critic's modules to vLLM).
 
 Metrics, besides TRL's (global means over the valid tokens of every process): `value/loss` (the per-token clipped
 value loss), `value/clipfrac` (tokens where the clipped term is larger), `value/mean` (V on the trained tokens),
@@ -91,6 +94,7 @@ from ..algos.value import (
     kl_shaped_token_rewards,
     length_adaptive_lambda,
 )
+from .adapter_checkpointing import bind_adapters_to_checkpoints
 from .checkpoints import (
     check_shapes,
     read_file,
@@ -147,7 +151,7 @@ class PPOConfig(GRPOConfig):
     `gradient_accumulation_steps`); `epsilon` / `epsilon_high` clip the policy ratio; `beta` is the initial KL
     coefficient. Defaults that differ from GRPO: one completion per prompt (`num_generations=1`), `beta=0.05` with k1
     KL in the reward. With `beta=0` there is no KL at all and `kl_in_reward` / `kl_estimator` are reset to their
-    no-KL values (False / 'k3').
+    no-KL values (False / 'k3'). `ddp_find_unused_parameters=None` becomes False (see `PPOTrainer`'s one backward).
     """
 
     num_generations: int | None = field(
@@ -296,6 +300,8 @@ class PPOConfig(GRPOConfig):
         if self.beta == 0.0:  # no KL: where it would go and how it would be estimated do not apply
             self.kl_in_reward, self.kl_estimator = False, "k3"
         self._validate_ppo()
+        if self.ddp_find_unused_parameters is None:  # see `_validate_ppo`
+            self.ddp_find_unused_parameters = False
         if (
             self.length_adaptive_alpha is not None
             and self.length_adaptive_min_lambda == 0.0
@@ -387,6 +393,12 @@ class PPOConfig(GRPOConfig):
         check(
             not (self.dynamic_sampling and (self.num_generations or 1) < 2),
             "`dynamic_sampling` keeps groups whose rewards differ, so it needs num_generations >= 2.",
+        )
+        check(
+            self.ddp_find_unused_parameters is not True,
+            "`ddp_find_unused_parameters` is True; valid: False or None (PPO sets False). The critic forward runs "
+            "outside DDP's forward, so DDP's search for unused parameters would miss the critic's parameters; every "
+            "trainable parameter gets a gradient in every backward, so there is nothing to search for.",
         )
         check(
             not self.use_vllm,
@@ -514,13 +526,6 @@ class PPOTrainer(GRPOTrainer):
 
         self._critic_params = [param for name, param in model.named_parameters() if is_critic(name)]
         self._restore_trainable()
-        # DDP reduces gradients during the one backward it expects per forward of its module; the critic has its own
-        # backward, so its parameters and buffers stay out of DDP and `training_step` averages its gradients.
-        critic_names = [name for name, _ in [*model.named_parameters(), *model.named_buffers()] if is_critic(name)]
-        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, critic_names)
-        if self.accelerator.num_processes > 1 and torch.distributed.is_initialized():
-            for param in self._critic_params:  # identical critics everywhere, whatever the user's model object was
-                torch.distributed.broadcast(param.data, src=0)
 
     def _add_lora_critic(self, model, critic_peft_config, device) -> None:
         if critic_peft_config is None:
@@ -649,18 +654,10 @@ class PPOTrainer(GRPOTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.accelerator.num_processes > 1 and self.accelerator.sync_gradients:
-            self._average_critic_gradients()
+        if self._in_value_pretraining():  # the frozen policy's zero gradients (several processes) are dropped
+            for param in self._policy_params:
+                param.grad = None
         return loss
-
-    def _average_critic_gradients(self) -> None:
-        """What DDP does for the policy: the mean over processes of the critic's accumulated gradients."""
-        grads = [param.grad if param.grad is not None else torch.zeros_like(param) for param in self._critic_params]
-        flat = self.accelerator.reduce(torch.cat([grad.flatten() for grad in grads]), reduction="mean")
-        offset = 0
-        for param, grad in zip(self._critic_params, grads, strict=True):
-            param.grad = flat[offset : offset + grad.numel()].view_as(param).to(param.dtype)
-            offset += grad.numel()
 
     def set_initial_training_values(self, args, dataloader):
         values = super().set_initial_training_values(args, dataloader)
@@ -845,18 +842,22 @@ class PPOTrainer(GRPOTrainer):
         return result
 
     def _compute_loss(self, model, inputs):
+        """policy loss + vf_coef * value loss of this micro-batch, for one backward through both graphs."""
         args = self.args
         mode = "train" if self.model.training else "eval"
-        train_critic = mode == "train" and torch.is_grad_enabled()
         if mode == "train":
             self._end_value_pretraining_at_cap()  # between two rollouts when a generation batch spans several steps
         self._restore_trainable()
-        value_loss = self._value_loss(model, inputs, mode, backward=train_critic)
+        if self._uses_lora_critic and torch.is_grad_enabled():
+            bind_adapters_to_checkpoints(self.accelerator.unwrap_model(model))  # again after every GC enable
+        value_loss = self._value_loss(model, inputs, mode)
         if mode == "train" and self._in_value_pretraining():
-            # Policy frozen: no policy forward, so its parameters get no gradient and the optimizer skips them.
+            # Policy frozen: no policy loss, so its parameters get no gradient and the optimizer skips them.
             self._metrics[mode]["value/pretraining"].append(1.0)
-            zero = torch.zeros((), device=value_loss.device, requires_grad=True)
-            return zero + args.vf_coef * value_loss.detach()
+            loss = args.vf_coef * value_loss
+            if torch.is_grad_enabled() and self.accelerator.num_processes > 1:
+                loss = loss + 0.0 * self._policy_forward_for_reduction(model, inputs)
+            return loss
         if mode == "train":
             self._metrics[mode]["value/pretraining"].append(0.0)
 
@@ -884,12 +885,24 @@ class PPOTrainer(GRPOTrainer):
             self._metrics[mode]["positive_lm/loss"].append(
                 self._global_masked_mean(-per_token_logps.detach(), positive_mask)
             )
-        critic_term = args.vf_coef * value_loss
-        return loss + (critic_term.detach() if train_critic else critic_term)
+        return loss + args.vf_coef * value_loss
 
-    def _value_loss(self, model, inputs, mode: str, backward: bool) -> torch.Tensor:
-        """The clipped value loss of this micro-batch (token mean over the accumulation window, as the policy's);
-        back-propagated here, with the critic still active, when `backward`."""
+    @staticmethod
+    def _policy_forward_for_reduction(model, inputs) -> torch.Tensor:
+        """A scalar from a one-token forward of the prepared model with the policy active. Times 0 in the loss, it
+        gives every policy parameter an exact zero gradient, and the forward arms DDP's gradient reduction, which
+        otherwise only the policy forward does: the critic's gradients are then reduced during value pretraining."""
+        output = model(
+            input_ids=inputs["prompt_ids"][:, :1],
+            attention_mask=inputs["prompt_mask"][:, :1],
+            logits_to_keep=1,
+            use_cache=False,
+        )
+        return output.logits.sum()
+
+    def _value_loss(self, model, inputs, mode: str) -> torch.Tensor:
+        """The clipped value loss of this micro-batch (token mean over the accumulation window, as the policy's),
+        from a critic forward with only the critic active."""
         args = self.args
         unwrapped = self.accelerator.unwrap_model(model)
         mask = (inputs["completion_mask"] * inputs.get("tool_mask", 1)).float() * inputs["scored"].unsqueeze(1)
@@ -897,20 +910,18 @@ class PPOTrainer(GRPOTrainer):
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         with self._critic_active(unwrapped):
             values = self._critic_forward(unwrapped, input_ids, attention_mask, inputs["completion_ids"].size(1))
-            # The sum over valid tokens (num_tokens = 1), then this micro-batch's share of the global count.
-            loss_sum, clipfrac = clipped_value_loss(
-                values, inputs["old_values"], inputs["returns"], mask, args.cliprange_value, num_tokens=torch.ones(())
-            )
-            value_loss = loss_sum / self._token_mean_normalizer(inputs["num_items_in_batch"], mode)
-            if backward:
-                self.accelerator.backward(args.vf_coef * value_loss)
+        # The sum over valid tokens (num_tokens = 1), then this micro-batch's share of the global count.
+        loss_sum, clipfrac = clipped_value_loss(
+            values, inputs["old_values"], inputs["returns"], mask, args.cliprange_value, num_tokens=torch.ones(())
+        )
+        value_loss = loss_sum / self._token_mean_normalizer(inputs["num_items_in_batch"], mode)
         num_tokens = mask.sum()
         totals = self._all_reduce_sum(torch.stack([loss_sum.detach(), clipfrac * num_tokens, num_tokens]))
         metrics = self._metrics[mode]
         metrics["value/loss"].append((totals[0] / totals[2].clamp(min=1.0)).item())
         metrics["value/clipfrac"].append((totals[1] / totals[2].clamp(min=1.0)).item())
         metrics["value/mean"].append(self._global_masked_mean(values.detach(), mask))
-        return value_loss.detach() if backward else value_loss
+        return value_loss
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, output_dir=None, state_dict=None):
