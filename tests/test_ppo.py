@@ -177,6 +177,7 @@ def test_config_allows_one_sample_per_prompt_and_grpo_still_refuses(tmp_path):
         ({"multi_objective_aggregation": "normalize_then_sum"}, "sum_then_normalize"),
         ({"dynamic_sampling": True}, "num_generations >= 2"),
         ({"use_vllm": True}, "use_vllm"),
+        ({"ddp_find_unused_parameters": True}, "`ddp_find_unused_parameters` is True; valid: False or None"),
         ({"kl_estimator": "k9"}, "kl_estimator"),
     ],
 )
@@ -219,6 +220,12 @@ def test_value_pretraining_that_takes_every_epoch_step_raises_when_training_star
     trainer.args.value_pretrain_steps = 1  # one policy step left: the run's steps are returned as the Trainer's
     values = trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())
     assert values[-1] == 2
+
+
+def test_ddp_does_not_search_for_unused_parameters(tmp_path):
+    """The critic forward runs outside DDP's forward, where DDP's unused-parameter search cannot see it."""
+    assert make_config(PPOConfig, tmp_path, num_generations=1).ddp_find_unused_parameters is False
+    assert make_config(trl_plus.GRPOConfig, tmp_path).ddp_find_unused_parameters is None  # GRPO: transformers decides
 
 
 def test_beta_zero_turns_the_kl_off(tmp_path):
@@ -393,9 +400,9 @@ def test_gradient_checkpointing_recomputes_each_forward_with_its_own_adapter(
     tiny_model_path, dataset, tmp_path, use_reentrant
 ):
     """Checkpointing re-runs layer forwards during the one backward, and a PEFT layer reads the adapter active then;
-    `adapter_checkpointing` re-activates the adapter of each layer's forward, so the gradients of the single backward
-    equal those of the two separate backwards (each run with its adapter active) with and without checkpointing. Without
-    the binding the critic's layers recompute with the policy adapter and its gradients are wrong."""
+    `adapter_checkpointing` re-activates the adapter of each layer's forward, so the gradients of the single
+    backward equal those of the two separate backwards (each run with its adapter active) with and without
+    checkpointing. Without the binding the critic's layers recompute with the policy adapter: wrong gradients."""
     gradients = {}
     for checkpointing in (False, True):
         kwargs = {"use_reentrant": use_reentrant}
@@ -1290,8 +1297,8 @@ def test_two_process_ppo_whitens_globally_and_trains_like_one_process(ppo_runs):
             for key in ("advantages", "returns", "old_values"):
                 expected = single_tensors["rollout"][layout][key]
                 assert_close(result[key], expected, atol=1e-5, rtol=0, msg=f"{layout} {key}")
-    # Training: both processes hold the same weights (DDP for the policy, the trainer's own averaging for the
-    # critic), equal to the single process's, and every trainable tensor moved.
+    # Training: both processes hold the same weights (DDP reduces policy and critic gradients in the one backward),
+    # equal to the single process's, and every trainable tensor moved.
     (_, rank0), (_, rank1) = (run for run in ppo_runs["two"])
     assert rank0["trained"].keys() == single_tensors["trained"].keys()
     assert len(rank0["trained"]) == 8 + 10
@@ -1301,6 +1308,33 @@ def test_two_process_ppo_whitens_globally_and_trains_like_one_process(ppo_runs):
         assert (tensor - rank0["initial"][name]).abs().max() > 1e-4, name
     losses = [[e["value/loss"] for e in summary["log_history"] if "value/loss" in e] for summary, _ in ppo_runs["two"]]
     assert losses[0] == losses[1] and len(losses[0]) == 2
+
+
+@requires_gloo
+def test_two_process_single_backward_reduces_policy_and_critic_gradients_with_and_without_checkpointing(ppo_runs):
+    """The first step's gradients after DDP's reduction, with no ignore list and no manual averaging: the policy
+    adapter's, the critic adapter's and the value head's are the same on both processes and equal the single
+    process's, with and without gradient checkpointing (whose recomputes must each use their own adapter)."""
+    ((_, single),) = ppo_runs["single"]
+    (_, rank0), (_, rank1) = ppo_runs["two"]
+    reference = single["gradients"]["off"]
+    assert len(reference) == 8 + 10 and all(grad.abs().sum() > 0 for grad in reference.values())
+    assert any(name.startswith("value_head.") for name in reference)
+    for checkpointing in ("off", "on"):
+        assert single["gradients"][checkpointing].keys() == reference.keys()
+        for name, grad in reference.items():
+            assert_close(single["gradients"][checkpointing][name], grad, atol=1e-6, rtol=0, msg=name)
+            assert torch.equal(rank0["gradients"][checkpointing][name], rank1["gradients"][checkpointing][name])
+            assert_close(rank0["gradients"][checkpointing][name], grad, atol=1e-6, rtol=0, msg=name)
+    # Value pretraining: the critic's gradients are reduced too (a zero-weighted policy forward arms DDP), and the
+    # frozen policy's zero gradients are dropped before the optimizer step, as on one process where there are none.
+    critic = {name: grad for name, grad in single["gradients"]["pretraining"].items()}
+    assert critic.keys() == {name for name in reference if ".critic." in name or name.startswith("value_head.")}
+    for name, grad in critic.items():
+        assert grad.abs().sum() > 0, name
+        assert rank0["gradients"]["pretraining"].keys() == critic.keys()
+        assert torch.equal(rank0["gradients"]["pretraining"][name], rank1["gradients"]["pretraining"][name])
+        assert_close(rank0["gradients"]["pretraining"][name], grad, atol=1e-6, rtol=0, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------------- examples

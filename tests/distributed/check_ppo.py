@@ -13,9 +13,12 @@ the reward is not 0.
    values. They are checked against a reference computed here on the full batch in one piece, with no collective:
    the critic's values, the policy's and the reference's log-probs of all 12 samples, then the pure functions
    (`kl_shaped_token_rewards`, `gae`, `masked_whiten` without all-reduce).
-2. Training: 2 optimizer steps of `trainer.train()` (DDP for the policy adapter, the trainer's own gradient averaging
-   for the critic). Every trainable parameter is saved, so the test can check that both processes hold the same
-   weights and that they equal the single-process run's.
+2. Training: 2 optimizer steps of `trainer.train()` (one backward of policy + value loss; DDP reduces the gradients
+   of the policy adapter, the critic adapter and the value head). Every trainable parameter is saved, so the test can
+   check that both processes hold the same weights and that they equal the single-process run's.
+3. Gradients: the first optimizer step's gradients (after DDP's reduction, unclipped) of every trainable parameter,
+   with and without gradient checkpointing, so the test can check that checkpointed layers recompute with their own
+   adapter in the one backward on 2 processes as on 1; and of a value-pretraining step (critic only).
 
 Writes OUT_DIR/rank{R}.json (summary and checks) and OUT_DIR/rank{R}.pt (tensors); exits 1 if a check fails.
 """
@@ -33,13 +36,13 @@ GAMMA, LAM, BETA = 1.0, 0.9, 0.1
 ATOL = 1e-5
 
 
-def build_trainer(model_dir: str, out_dir: Path, world_size: int, samples, max_steps: int = 2):
+def build_trainer(model_dir: str, out_dir: Path, world_size: int, samples, max_steps: int = 2, **overrides):
     from peft import LoraConfig
 
     from trl_plus.trainer.ppo import PPOConfig, PPOTrainer
 
     args = PPOConfig(
-        **fixed_batch.config_settings(out_dir, world_size),
+        **{**fixed_batch.config_settings(out_dir, world_size), **overrides},
         num_generations=1,
         learning_rate=1e-2,
         critic_learning_rate=2e-2,
@@ -100,6 +103,22 @@ def run_rollout(trainer, layout: list[int], rank: int, world_size: int) -> dict[
     return result
 
 
+def capture_gradients_callback():
+    from transformers import TrainerCallback
+
+    class CaptureGradients(TrainerCallback):
+        """Copies of the model's gradients right before the first optimizer step (after DDP's reduction)."""
+
+        def __init__(self, model, into: dict):
+            self.model, self.into = model, into
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            if not self.into:  # the first step's
+                self.into.update({n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None})
+
+    return CaptureGradients
+
+
 def main(model_dir: str, out_dir: str) -> int:
     out_dir = Path(out_dir)
     rank, world_size, samples = fixed_batch.start(model_dir)
@@ -131,6 +150,25 @@ def main(model_dir: str, out_dir: str) -> int:
     tensors["trained"] = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     summary["log_history"] = trainer.state.log_history
     summary["num_critic_params"] = len(trainer._critic_params)
+    del trainer
+
+    # 3. The first step's reduced, unclipped gradients, with and without gradient checkpointing.
+    # "pretraining": the first step trains only the critic (value pretraining, policy frozen).
+    tensors["gradients"] = {}
+    runs = {
+        "off": {},
+        "on": {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}},
+        "pretraining": {"max_steps": 2, "value_pretrain_steps": 1, "value_pretrain_threshold": None},
+    }
+    for run_name, overrides in runs.items():
+        trainer = build_trainer(
+            model_dir, out_dir, world_size, samples, **{"max_steps": 1, "max_grad_norm": 0.0, **overrides}
+        )
+        gradients = {}
+        trainer.add_callback(capture_gradients_callback()(trainer.model, gradients))
+        trainer.train()
+        tensors["gradients"][run_name] = gradients
+        del trainer
 
     return fixed_batch.finish(out_dir, rank, summary, tensors)
 

@@ -70,13 +70,16 @@ import logging
 import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 
 import safetensors.torch
 import torch
 from accelerate.utils import is_peft_model
 from peft import get_peft_model_state_dict
 from torch import nn
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from transformers import AutoModelForTokenClassification, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import ADAPTER_SAFE_WEIGHTS_NAME, CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from trl.models.utils import disable_gradient_checkpointing
@@ -470,8 +473,10 @@ class PPOTrainer(GRPOTrainer):
         super().__init__(model, reward_funcs, args, *positional, **kwargs)
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise NotImplementedError(
-                "PPOTrainer supports single-process and DDP training: the critic's separate backward and its manual "
-                "gradient averaging are not wired into DeepSpeed or FSDP yet."
+                "PPOTrainer supports single-process and DDP training: its critic forward calls the critic's body and "
+                "value head outside the prepared model's forward, where DeepSpeed ZeRO-3 and FSDP would not gather "
+                "the parameters sharded in the root module (the value head), and resuming a sharded critic is not "
+                "wired yet."
             )
         if getattr(self, "_process_reward", None) is not None:
             raise NotImplementedError("PPOTrainer scores whole completions; process (step) rewards are not supported.")
@@ -601,6 +606,15 @@ class PPOTrainer(GRPOTrainer):
             hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         hidden = hidden[:, -num_completion_tokens - 1 : -1]
         return head(hidden.to(head.weight.dtype)).squeeze(-1).float()
+
+    def _active_critic_forward(self, model, input_ids, attention_mask, num_completion_tokens: int) -> torch.Tensor:
+        """`_critic_forward` with the critic active (also when a checkpoint recomputes it in the backward)."""
+        with self._critic_active(model):
+            return self._critic_forward(model, input_ids, attention_mask, num_completion_tokens)
+
+    def _critic_layers_checkpointed(self, model) -> bool:
+        body, _ = self._critic_modules(model)
+        return any(isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing for m in body.modules())
 
     @torch.no_grad()
     def _critic_values(self, batch: dict) -> torch.Tensor:
@@ -908,8 +922,16 @@ class PPOTrainer(GRPOTrainer):
         mask = (inputs["completion_mask"] * inputs.get("tool_mask", 1)).float() * inputs["scored"].unsqueeze(1)
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        with self._critic_active(unwrapped):
-            values = self._critic_forward(unwrapped, input_ids, attention_mask, inputs["completion_ids"].size(1))
+        forward = partial(
+            self._active_critic_forward, unwrapped, num_completion_tokens=inputs["completion_ids"].size(1)
+        )
+        if torch.is_grad_enabled() and not self._critic_layers_checkpointed(unwrapped):
+            # Policy and critic graphs live until the one backward. Without layer checkpointing the critic keeps only
+            # its inputs and is recomputed in the backward, after the policy's graph (created later, so traversed
+            # first) is freed: the peak memory stays near GRPO's, for one more critic forward.
+            values = activation_checkpoint(forward, input_ids, attention_mask, use_reentrant=False)
+        else:
+            values = forward(input_ids, attention_mask)
         # The sum over valid tokens (num_tokens = 1), then this micro-batch's share of the global count.
         loss_sum, clipfrac = clipped_value_loss(
             values, inputs["old_values"], inputs["returns"], mask, args.cliprange_value, num_tokens=torch.ones(())
