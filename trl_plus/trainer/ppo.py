@@ -31,7 +31,9 @@ One backward for policy and critic. The critic's parameters are ordinary paramet
 reduces their gradients with the policy's in the one backward. Gradient checkpointing re-runs each layer's forward
 during the backward, reading whichever adapter is active then; `trl_plus.trainer.adapter_checkpointing` makes every
 checkpointed layer recompute with the adapter that was active in its forward, so the critic's and the policy's
-layers each get their own. The critic forward runs outside DDP's forward, so DDP cannot search it for unused
+layers each get their own. Both graphs live until that backward, so the critic forward is checkpointed whole: it
+keeps only its inputs and is recomputed after the policy's graph is freed (peak memory near GRPO's, one more critic
+forward per micro-batch). The critic forward runs outside DDP's forward, so DDP cannot search it for unused
 parameters: `PPOConfig` sets `ddp_find_unused_parameters=False` (every trainable parameter gets a gradient in every
 backward). During value pretraining the policy loss is skipped; on several processes a zero-weighted one-token
 policy forward then gives the policy exact zero gradients (DDP's forward arms its gradient reduction, and without
@@ -79,7 +81,6 @@ from peft import get_peft_model_state_dict
 from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from transformers import AutoModelForTokenClassification, PreTrainedModel
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import ADAPTER_SAFE_WEIGHTS_NAME, CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from trl.models.utils import disable_gradient_checkpointing
@@ -612,10 +613,6 @@ class PPOTrainer(GRPOTrainer):
         with self._critic_active(model):
             return self._critic_forward(model, input_ids, attention_mask, num_completion_tokens)
 
-    def _critic_layers_checkpointed(self, model) -> bool:
-        body, _ = self._critic_modules(model)
-        return any(isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing for m in body.modules())
-
     @torch.no_grad()
     def _critic_values(self, batch: dict) -> torch.Tensor:
         """The rollout's values (no gradient), in chunks of `per_device_train_batch_size` rows."""
@@ -925,10 +922,11 @@ class PPOTrainer(GRPOTrainer):
         forward = partial(
             self._active_critic_forward, unwrapped, num_completion_tokens=inputs["completion_ids"].size(1)
         )
-        if torch.is_grad_enabled() and not self._critic_layers_checkpointed(unwrapped):
-            # Policy and critic graphs live until the one backward. Without layer checkpointing the critic keeps only
-            # its inputs and is recomputed in the backward, after the policy's graph (created later, so traversed
-            # first) is freed: the peak memory stays near GRPO's, for one more critic forward.
+        if torch.is_grad_enabled():
+            # Policy and critic graphs live until the one backward. The critic keeps only its inputs and is
+            # recomputed in the backward, after the policy's graph (created later, so traversed first) is freed: the
+            # peak memory stays near GRPO's, for one more critic forward. Checkpointed layers inside it recompute
+            # with the critic adapter too (`adapter_checkpointing`).
             values = activation_checkpoint(forward, input_ids, attention_mask, use_reentrant=False)
         else:
             values = forward(input_ids, attention_mask)
