@@ -214,7 +214,7 @@ def main(argv=None) -> int:
     print(f"{'trainer':<17}{'per prompt':>11}{'peak MiB':>10}{'x TRL':>7}{'step s':>9}{'x TRL':>7}")
     for name, row in summary.items():
         print(
-            f"{name:<17}{row['num_generations']:>11}{row['mib']:>10.0f}{row['mib'] / base['mib']:>7.2f}"
+            f"{name:<17}{row['num_generations']:>11}{row['mib']:>10.1f}{row['mib'] / base['mib']:>7.2f}"
             f"{row['step']:>9.3f}{row['step'] / base['step']:>7.2f}"
         )
     if summary.get("dapo", {}).get("rounds"):
