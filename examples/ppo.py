@@ -22,7 +22,10 @@ One GPU, LoRA policy and LoRA critic on a 0.5B instruct model, GSM8K with trl_pl
         --max_steps 500 --logging_steps 5 \\
         --output_dir Qwen2.5-0.5B-Instruct-PPO --report_to tensorboard
 
-Eight GPUs with DDP (PPOTrainer does not support DeepSpeed, FSDP or vLLM yet), a reward model added to the
+Add `--use_vllm --vllm_mode colocate` to generate with vLLM on the same GPU: at every weight sync vLLM receives
+the policy only (its adapter merged into the base weights), never the critic.
+
+Eight GPUs with DDP (PPOTrainer does not support DeepSpeed or FSDP yet), a reward model added to the
 verifiable reward, and a copy of the reward model as the critic:
 
     accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml examples/ppo.py \\

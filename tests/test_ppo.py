@@ -176,7 +176,6 @@ def test_config_allows_one_sample_per_prompt_and_grpo_still_refuses(tmp_path):
         ({"advantage_estimator": "rloo", "num_generations": 2}, "GAE"),
         ({"multi_objective_aggregation": "normalize_then_sum"}, "sum_then_normalize"),
         ({"dynamic_sampling": True}, "num_generations >= 2"),
-        ({"use_vllm": True}, "use_vllm"),
         ({"ddp_find_unused_parameters": True}, "`ddp_find_unused_parameters` is True; valid: False or None"),
         ({"kl_estimator": "k9"}, "kl_estimator"),
     ],

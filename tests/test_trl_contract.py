@@ -385,3 +385,31 @@ def test_mask_truncated_completions_zeroes_completion_mask(tiny_model_path, prom
     assert output["completion_ids"].shape == (8, 8)
     assert output["completion_mask"].sum().item() == 0
     assert output["num_items_in_batch"].item() == 0
+
+
+# ---------------------------------------------------------------------------------------------- vLLM weight sync
+
+
+def test_vllm_sync_walks_the_named_parameters_of_the_model_it_was_given():
+    """`trl_plus.trainer.vllm_sync` hides the critic's modules from `VLLMGeneration.model` and wraps the instance's
+    `sync_weights`: TRL must build the generation object with the trainer's own model, call `sync_weights` through
+    the instance from every place it syncs, and read the weights only from `model.named_parameters()` (merging the
+    active PEFT adapter). `tests/test_ppo_vllm.py` stands in for vLLM at `_init_vllm` and `generate`."""
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    init_source = inspect.getsource(trl.GRPOTrainer.__init__)
+    assert re.search(r"self\.vllm_generation = VLLMGeneration\(\s*model=self\.model,", init_source)
+    sync_sites = [
+        inspect.getsource(trl.GRPOTrainer._generate_single_turn),
+        inspect.getsource(trl.GRPOTrainer._generate),
+        inspect.getsource(VLLMGeneration.generate),
+    ]
+    assert all(re.search(r"self(\.vllm_generation)?\.sync_weights\(\)", source) for source in sync_sites)
+    iter_source = inspect.getsource(VLLMGeneration._iter_named_params)
+    assert "model = self.model" in iter_source and "model.merge_adapter()" in iter_source
+    assert iter_source.count("model.named_parameters()") == 2  # PEFT and plain; FSDP walks the module in its helpers
+    sync_source = inspect.getsource(VLLMGeneration.sync_weights)
+    assert "model_runner.model.load_weights([(name, param)])" in sync_source  # colocate
+    assert "self.vllm_client.update_named_params(self._weight_metadata, self._iter_named_params())" in sync_source
+    assert _parameter_names(VLLMGeneration._init_vllm) == ["self"]
+    assert _parameter_names(VLLMGeneration.generate) == ["self", "prompts", "images", "num_generations", "profiler"]

@@ -29,7 +29,7 @@ def build_tiny_model(
     """A randomly initialized Qwen2 causal LM sized for a CPU, with eos and pad set for generation.
 
     `config_overrides` replace `Qwen2Config` fields of the small default shape (e.g. `num_attention_heads=14` for a
-    real model's shape).
+    real model's shape, or `vocab_size=151936` for its logits: ids past the tokenizer's decode to nothing).
 
     >>> build_tiny_model(build_char_tokenizer(), max_position_embeddings=512).config.max_position_embeddings
     512
@@ -38,6 +38,7 @@ def build_tiny_model(
 
     torch.manual_seed(seed)
     shape = dict(
+        vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers,
@@ -46,7 +47,6 @@ def build_tiny_model(
         max_position_embeddings=256,
     )
     config = Qwen2Config(
-        vocab_size=len(tokenizer),
         tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,

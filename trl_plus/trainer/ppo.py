@@ -38,7 +38,14 @@ parameters: `PPOConfig` sets `ddp_find_unused_parameters=False` (every trainable
 backward). During value pretraining the policy loss is skipped; on several processes a zero-weighted one-token
 policy forward then gives the policy exact zero gradients (DDP's forward arms its gradient reduction, and without
 unused-parameter search it waits for every parameter), and `training_step` drops them before the optimizer step.
-DeepSpeed and FSDP are not supported yet; nor is vLLM (its weight sync would send the critic's modules to vLLM).
+DeepSpeed and FSDP are not supported yet.
+
+vLLM (`use_vllm`, colocate or server) generates with the policy through TRL's own path: TRL's weight sync is wrapped
+(`trl_plus.trainer.vllm_sync`) so that vLLM receives the base weights with the policy adapter merged, under the base
+model's names, and never the critic adapter, the value head or the value model. TRL's importance-sampling correction
+(`vllm_importance_sampling_correction`) multiplies the per-token policy loss, so it applies to the `(B, T)` GAE
+advantages as to GRPO's; the critic's loss is not reweighted (its targets are the rollout's returns, whatever policy
+sampled them).
 
 Metrics, besides TRL's (global means over the valid tokens of every process): `value/loss` (the per-token clipped
 value loss), `value/clipfrac` (tokens where the clipped term is larger), `value/mean` (V on the trained tokens),
@@ -111,6 +118,7 @@ from .checkpoints import (
 )
 from .field_types import check_field_types
 from .grpo import GRPOConfig, GRPOTrainer
+from .vllm_sync import send_policy_only
 
 logger = logging.getLogger(__name__)
 
@@ -404,11 +412,6 @@ class PPOConfig(GRPOConfig):
             "outside DDP's forward, so DDP's search for unused parameters would miss the critic's parameters; every "
             "trainable parameter gets a gradient in every backward, so there is nothing to search for.",
         )
-        check(
-            not self.use_vllm,
-            "PPOTrainer does not support use_vllm yet: vLLM's weight sync would also send the critic's modules "
-            "(value head / value model), which vLLM does not know.",
-        )
 
     @property
     def _scale_rewards_ignored_because(self) -> str | None:
@@ -493,6 +496,8 @@ class PPOTrainer(GRPOTrainer):
         self._negative_explained_variance_warned_at: int | None = None  # the optimizer step of the last warning
         self._negative_explained_variance_rollouts = 0  # rollouts with a negative one since that warning
         self._setup_critic(value_model if value_model is not None else self.args.value_model, critic_peft_config)
+        if self.use_vllm:  # vLLM generates with the policy: its weight syncs leave the critic out
+            send_policy_only(self.vllm_generation, (VALUE_HEAD, VALUE_MODEL), POLICY_ADAPTER)
 
     # ------------------------------------------------------------------ critic setup
     def _setup_critic(self, value_model, critic_peft_config) -> None:
