@@ -389,6 +389,11 @@ class PPOConfig(GRPOConfig):
             "`dynamic_sampling` keeps groups whose rewards differ, so it needs num_generations >= 2.",
         )
         check(
+            not (self.selective_rollout and (self.num_generations or 1) < 2),
+            f"`selective_rollout` is True with `num_generations` {self.num_generations or 1}; valid: num_generations "
+            ">= 2, since it skips prompts whose groups had equal rewards and a group of one always has.",
+        )
+        check(
             not self.use_vllm,
             "PPOTrainer does not support use_vllm yet: vLLM's weight sync would also send the critic's modules "
             "(value head / value model), which vLLM does not know.",
