@@ -93,8 +93,21 @@ SPECS = [
     Spec("ppo", "trl_plus", "PPOTrainer", "PPOConfig", {"num_generations": KEEP_DEFAULT}),
     Spec("vapo", "trl_plus", "VAPOTrainer", "VAPOConfig", {"num_generations": KEEP_DEFAULT}),
 ]
-SPECS_BY_NAME = {spec.name: spec for spec in SPECS}
 DEFAULT_ALGOS = [spec.name for spec in SPECS]
+SPECS += [  # GRESO selective rollout (arXiv 2506.02177), measured in the multi-epoch setting
+    Spec("dapo_sr", "trl_plus", "DAPOTrainer", "DAPOConfig", {"selective_rollout": True}),
+    Spec("grpo_sr", "trl_plus", "GRPOTrainer", "GRPOConfig", {"selective_rollout": True}),
+]
+SPECS_BY_NAME = {spec.name: spec for spec in SPECS}
+# The multi-epoch setting: a pool of 128 training prompts, each seen about 20 times in the budget (8 samples per
+# visit), so prompts that are always solved or never solved come back and selective rollout has a history to use.
+MULTI_EPOCH = {
+    "pool": 128,
+    "budget": 20480,
+    "eval_every": 1024,
+    "algos": ["trl_grpo", "dapo", "dapo_sr", "grpo_sr"],
+    "output_dir": os.path.join(RESULTS_DIR, "multi_epoch"),
+}
 
 
 def resolve(spec: Spec) -> tuple[type, type]:
@@ -134,7 +147,6 @@ class SampleBudget(TrainerCallback):
 
         self.trainer, self.tokenizer, self.held_out, self._accuracy = trainer, tokenizer, held_out, accuracy
         self.budget, self.eval_every = budget, eval_every
-        self.samples = 0
         self.curve = [(0, first_accuracy)]  # (generated samples, held-out accuracy)
         self.next_eval = eval_every
         self.train_seconds = 0.0  # wall time of the optimizer steps, evaluations excluded
@@ -144,15 +156,23 @@ class SampleBudget(TrainerCallback):
         self.generation_batch = args.generation_batch_size
         self.dynamic_sampling = getattr(args, "dynamic_sampling", False)
         self.max_rounds = getattr(args, "max_num_gen_batches", 1)
-        generate = trainer._generate  # TRL's GRPO and RLOO trainers: prompt_ids, completion_ids, ... = _generate()
+        self._counter = getattr(trainer, "_generation_counter", None)  # trl_plus: the trainer's own count
+        if self._counter is None:  # TRL's GRPO and RLOO trainers: prompt_ids, completion_ids, ... = _generate()
+            generate = trainer._generate
 
-        def counting_generate(*generate_args, **generate_kwargs):
-            output = generate(*generate_args, **generate_kwargs)
-            if trainer.model.training:
-                self.samples += len(output[1])
-            return output
+            def counting_generate(*generate_args, **generate_kwargs):
+                output = generate(*generate_args, **generate_kwargs)
+                if trainer.model.training:
+                    self._own_count += len(output[1])
+                return output
 
-        trainer._generate = counting_generate
+            self._own_count = 0
+            trainer._generate = counting_generate
+
+    @property
+    def samples(self) -> int:
+        """Generated completions so far: trl_plus's `generation/completions` metric, or this callback's count."""
+        return self._counter.completions if self._counter is not None else self._own_count
 
     def _limit_rounds(self) -> None:
         """Dynamic sampling: no more rounds in the next step than the remaining budget pays for."""
@@ -216,6 +236,7 @@ def run_one(job: dict) -> dict:
         else:
             settings[key] = value
     args = config_class(**settings)
+    train = train[: job["pool"]] if job.get("pool") else train
     dataset = Dataset.from_dict({"prompt": [prompt for prompt, _ in train], "answer": [answer for _, answer in train]})
     started = time.perf_counter()
     trainer = trainer_class(
@@ -245,6 +266,7 @@ def run_one(job: dict) -> dict:
     return {
         "algo": spec.name,
         "seed": job["seed"],
+        "zero_variance": zero_variance_share(trainer.state.log_history),
         "curve": budget.curve,
         "samples": budget.samples,
         "steps": budget.steps,
@@ -258,6 +280,35 @@ def run_one(job: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 # Warm starts
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def zero_variance_share(log_history: list[dict]) -> float:
+    """Share of the generated groups whose rewards were all equal (no signal), over the whole run."""
+    entries = [entry for entry in log_history if "loss" in entry]
+    if entries and "dynamic_sampling/groups_generated" in entries[0]:  # rounds per step vary: weigh by groups
+        groups = [entry["dynamic_sampling/groups_generated"] for entry in entries]
+        shares = [entry["sampling/zero_variance_fraction"] for entry in entries]
+        return sum(g * f for g, f in zip(groups, shares, strict=True)) / max(sum(groups), 1)
+    key = "sampling/zero_variance_fraction" if entries and "sampling/zero_variance_fraction" in entries[0] else None
+    return statistics.fmean(entry[key or "frac_reward_zero_std"] for entry in entries) if entries else float("nan")
+
+
+def multi_epoch_table(rows: list[dict], results: list[dict], reference: str = "trl_grpo") -> tuple[str, float]:
+    """Final accuracy, samples to the reference's final accuracy, and zero-variance share of generated groups."""
+    target = next(row["final"][0] for row in rows if row["algo"] == reference)
+    lines = [
+        f"| algorithm | final accuracy (mean ± std) | samples to {reference}'s final {target:.1%} (mean; runs that "
+        "reached it) | zero-variance share of generated groups (mean ± std) |",
+        "|---|---:|---:|---:|",
+    ]
+    for row in rows:
+        runs = [run for run in results if run["algo"] == row["algo"]]
+        reached = [s for s in (samples_to_target(run["curve"], target) for run in runs) if s is not None]
+        to_target = f"{statistics.fmean(reached):,.0f} ({len(reached)}/{len(runs)})" if reached else "not reached"
+        share, share_std = _mean_std([run["zero_variance"] for run in runs])
+        mean, std = row["final"]
+        lines.append(f"| {row['algo']} | {mean:.1%} ± {std:.1%} | {to_target} | {share:.1%} ± {share_std:.1%} |")
+    return "\n".join(lines), target
 
 
 def warm_start_checkpoint(seed: int, path: str) -> tuple[int, float]:
@@ -395,12 +446,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--eval-every", type=int, default=1280, help="generated completions between evaluations")
     parser.add_argument("--target", type=float, default=0.8, help="held-out accuracy for 'samples to target'")
-    parser.add_argument("--algos", nargs="+", choices=DEFAULT_ALGOS, default=DEFAULT_ALGOS, metavar="ALGO")
+    parser.add_argument("--algos", nargs="+", choices=list(SPECS_BY_NAME), default=None, metavar="ALGO")
+    parser.add_argument(
+        "--setting",
+        choices=["default", "multi_epoch"],
+        default="default",
+        help="multi_epoch: a pool of 128 prompts seen ~20 times each, TRL GRPO, DAPO, DAPO and GRPO with selective "
+        "rollout; results in results/multi_epoch/ (the READMEs' tables are left as they are)",
+    )
+    parser.add_argument("--pool", type=int, default=0, help="training prompts used (0: all)")
     parser.add_argument(
         "--workers", type=int, default=1, help="runs in parallel (1 by default: cleaner timings on a shared machine)"
     )
-    parser.add_argument("--output-dir", default=RESULTS_DIR, help="where learning.md and learning.png go")
+    parser.add_argument("--output-dir", default=None, help="where learning.md and learning.png go")
     args = parser.parse_args(argv)
+    preset = MULTI_EPOCH if args.setting == "multi_epoch" else {"algos": DEFAULT_ALGOS, "output_dir": RESULTS_DIR}
+    given = {key for key in ("budget", "eval_every", "pool") if getattr(args, key) != parser.get_default(key)}
+    for key, value in preset.items():
+        if getattr(args, key) is None or (key not in given and key in ("budget", "eval_every", "pool")):
+            setattr(args, key, value)
     cycle = 2 * BATCH_SIZE  # ASPO's generation cycle; every budget and grid point should end one
     if args.budget % cycle or args.eval_every % cycle:
         parser.error(f"--budget and --eval-every must be multiples of {cycle} completions")
@@ -448,6 +512,7 @@ def main(argv: list[str] | None = None) -> None:
                     "budget": args.budget,
                     "eval_every": args.eval_every,
                     "warm_start_accuracy": held_out_accuracy,
+                    "pool": args.pool,
                 }
             )
 
@@ -473,6 +538,9 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = summarize(results, algos, args.target)
     table = markdown_table(rows, args.target)
+    if args.setting == "multi_epoch":
+        extra, reference_final = multi_epoch_table(rows, results)
+        table += f"\n\nAt trl_grpo's final accuracy ({reference_final:.1%}):\n\n{extra}"
     elapsed = time.perf_counter() - started
     notes = [
         f"Seeds {', '.join(map(str, args.seeds))}; warm-start held-out accuracy per seed: "

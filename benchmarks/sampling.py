@@ -80,7 +80,7 @@ def dynamic_sampling_run(model_path, dataset, workdir, steps, keep_surplus):
     trainer.remove_callback(PrinterCallback)
     trainer.trained_groups = []
     if not keep_surplus:
-        trainer._surplus.capacity_groups = 0  # the counterfactual: surplus groups are thrown away
+        trainer._sampler.surplus.capacity_groups = 0  # the counterfactual: surplus groups are thrown away
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "dynamic_sampling/groups_generated" in entry]
     generated = sum(entry["dynamic_sampling/groups_generated"] for entry in logs)
@@ -94,7 +94,7 @@ def dynamic_sampling_run(model_path, dataset, workdir, steps, keep_surplus):
         "with_signal": with_signal,
         "trained": len(trainer.trained_groups),
         "zero_variance_trained": zero_variance,
-        "left_in_buffer": trainer._surplus.num_groups,
+        "left_in_buffer": trainer._sampler.surplus.num_groups,
         "rounds": statistics.mean(entry["dynamic_sampling/rounds"] for entry in logs),
     }
 

@@ -74,7 +74,7 @@ class RecordingTrainer(MicroBatchRecorder):
         if not self.model.training:
             return batch
         metrics = self.latest_dynamic_sampling_metrics()
-        buffer = clone_rows(self._surplus.rows)
+        buffer = clone_rows(self._sampler.surplus.rows)
         # The model has not been updated yet: this is the policy that sampled this step's rows.
         buffer_log_probs = policy_log_probs(self.model, stack_rows(buffer, self._pad_values)) if buffer else None
         self.steps.append(
@@ -566,10 +566,10 @@ def test_load_optimizer_and_scheduler_restores_the_buffer(trained, tiny_model_pa
     saved = trainer.steps[index]["buffer"]
     fresh = on_prompts(tiny_model_path, ds_config(tmp_path, max_steps=NUM_STEPS), trainer_class=GRPOTrainer)
     fresh.create_optimizer_and_scheduler(num_training_steps=NUM_STEPS)
-    assert fresh._surplus.num_groups == 0
+    assert fresh._sampler.surplus.num_groups == 0
     fresh._load_optimizer_and_scheduler(checkpoint)
-    assert fresh._surplus.num_groups == len(saved) // GROUP_SIZE > 0
-    assert_rows_equal(fresh._surplus.rows, saved, list(saved[0]))  # every key, bookkeeping included
+    assert fresh._sampler.surplus.num_groups == len(saved) // GROUP_SIZE > 0
+    assert_rows_equal(fresh._sampler.surplus.rows, saved, list(saved[0]))  # every key, bookkeeping included
 
 
 def test_resume_trains_the_restored_buffer_first(trained, tiny_model_path, tmp_path):
@@ -622,7 +622,7 @@ def test_resume_refuses_a_checkpoint_without_a_usable_dynamic_sampling_state(
         resumed.train(resume_from_checkpoint=str(checkpoint))
     if damage == "old format":
         assert "it holds the sections ['rows'], expected ['prompt_stream', 'surplus_buffer']" in str(raised.value)
-    assert resumed.steps == [] and resumed._surplus.num_groups == 0
+    assert resumed.steps == [] and resumed._sampler.surplus.num_groups == 0
 
 
 def logged(trainer, key):

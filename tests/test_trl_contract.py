@@ -57,6 +57,7 @@ def test_trl_version():
         ("_compute_loss", ["self", "model", "inputs"]),
         ("compute_loss", ["self", "model", "inputs", "return_outputs", "num_items_in_batch"]),
         ("_prepare_inputs", ["self", "generation_batch"]),
+        ("_generate", ["self", "prompts"]),  # generation accounting wraps it
         ("_save_checkpoint", ["self", "model", "trial"]),
         ("_load_optimizer_and_scheduler", ["self", "checkpoint"]),
         # transformers' Trainer, through TRL: the non-finite step guard wraps these.
@@ -295,6 +296,20 @@ def test_generate_and_score_output_keys_off_policy_with_kl(tiny_model_path, prom
     mask = output["completion_mask"].bool()
     torch.testing.assert_close(output["old_per_token_logps"][mask], output["ref_per_token_logps"][mask])
     assert (output["old_per_token_logps"][mask] < 0).all()
+
+
+def test_generate_returns_completion_ids_and_tool_mask_third(tiny_model_path, prompt_dataset, tmp_path):
+    # trl_plus counts generated completions and tokens from `_generate`'s 2nd (completion ids, one list per row) and
+    # 3rd (tool mask, None without tools) items; TRL's `completions/mean_length` is their mean length.
+    trainer = _trl_trainer(tiny_model_path, prompt_dataset, tmp_path)
+    prompts = [row["prompt"] for row in _generation_batch(trainer)]
+    generated = trainer._generate(prompts)
+    assert len(generated) == 8
+    completion_ids, tool_mask = generated[1], generated[2]
+    assert tool_mask is None and len(completion_ids) == len(prompts) == 8
+    assert all(isinstance(ids, list) and 1 <= len(ids) <= 8 for ids in completion_ids)
+    mean_length = trainer._metrics["eval" if not trainer.model.training else "train"]["completions/mean_length"][-1]
+    assert mean_length == pytest.approx(sum(map(len, completion_ids)) / 8)
 
 
 def test_calculate_rewards_shape_and_unscorable_nan(tiny_model_path, prompt_dataset, tmp_path):

@@ -154,7 +154,7 @@ def resume(model, output_dir):
             name: {
                 "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
                 "rounds": [entry["dynamic_sampling/rounds"] for entry in trainer.state.log_history if "loss" in entry],
-                "stream": trainer._extra_prompt_batches.state_dict(),
+                "stream": trainer._sampler.prompt_stream.state_dict(),
             }
             for name, trainer in trainers.items()
         },

@@ -216,7 +216,7 @@ def _completion_text(completion: Any) -> str:
     return "\n".join(parts)
 
 
-def _prompt_key(prompt: Any) -> str:
+def prompt_key(prompt: Any) -> str:
     """A digest of the prompt that is equal on every process for equal prompts (Python's `hash` is salted)."""
     serialized = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, default=str)
     return hashlib.sha256(serialized.encode("utf-8")).hexdigest()
@@ -302,7 +302,7 @@ class MajorityVoteReward:
         if prompts is not None:
             if len(prompts) != num_completions:
                 raise ValueError(f"Got {len(prompts)} prompts for {num_completions} completions.")
-            return [_prompt_key(prompt) for prompt in prompts]
+            return [prompt_key(prompt) for prompt in prompts]
         if self.group_size is None:
             raise ValueError("MajorityVoteReward needs `prompts` (as TRL passes them) or `group_size` to form groups.")
         if self.gather_fn is not None:

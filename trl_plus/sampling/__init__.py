@@ -1,6 +1,7 @@
-"""What is generated and kept: DAPO dynamic sampling (group filter, row bookkeeping, surplus buffer, extra-prompt
-stream) and ReMax's greedy rows."""
+"""What is generated and kept: the sampler (DAPO dynamic sampling, surplus buffer, extra-prompt stream, GRESO
+selective rollout), generation accounting and ReMax's greedy rows."""
 
+from .accounting import GenerationCounter
 from .dynamic import PromptBatchStream, SurplusBuffer, groups_with_signal, split_rows, stack_rows
 from .remax import (
     GreedyRowsLogitsProcessor,
@@ -10,17 +11,24 @@ from .remax import (
     greedy_rows_in_generate,
     greedy_rows_in_vllm_colocate,
 )
+from .sampler import Sampler
+from .selective import SelectiveRollout, adapted_exploration, keep_probability
 
 __all__ = [
+    "GenerationCounter",
     "GreedyRowsLogitsProcessor",
     "PromptBatchStream",
+    "Sampler",
+    "SelectiveRollout",
+    "SurplusBuffer",
+    "adapted_exploration",
     "append_greedy_completions",
     "greedy_last_in_vllm_server",
-    "greedy_rows_in_vllm_colocate",
-    "SurplusBuffer",
     "greedy_row_mask",
     "greedy_rows_in_generate",
+    "greedy_rows_in_vllm_colocate",
     "groups_with_signal",
+    "keep_probability",
     "split_rows",
     "stack_rows",
 ]

@@ -42,17 +42,15 @@ from ..algos.process_rewards import process_advantages
 from ..rewards import MajorityVoteReward, OverlongPenalty, ProcessReward
 from ..rewards.checks import checked_reward_func, unscore_non_finite
 from ..sampling import (
-    PromptBatchStream,
-    SurplusBuffer,
+    GenerationCounter,
+    Sampler,
+    SelectiveRollout,
     greedy_last_in_vllm_server,
     greedy_row_mask,
     greedy_rows_in_generate,
     greedy_rows_in_vllm_colocate,
-    groups_with_signal,
-    split_rows,
-    stack_rows,
 )
-from .checkpoints import read_json, read_sections, read_torch, section_states
+from .checkpoints import read_file, read_json, read_sections, read_torch, reading, section_states
 from .field_types import check_field_types
 from .nonfinite import NonFiniteStepGuard, NonFiniteTrainingError
 
@@ -72,8 +70,11 @@ TRL_CHOICES_CHECKED_LATE = {
     "importance_sampling_level": ("token", "sequence"),
     "vllm_importance_sampling_mode": ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"),
 }
-SURPLUS_BUFFER_FILE = "dynamic_sampling_buffer.pt"  # {"surplus_buffer": ..., "prompt_stream": ...}
+SURPLUS_BUFFER_FILE = "dynamic_sampling_buffer.pt"  # Sampler.state_dict(): {"surplus_buffer": ..., ...}
 _SURPLUS_BUFFER_HOLDS = "dynamic sampling's surplus groups and its position in the stream of extra prompts"
+_SELECTIVE_ROLLOUT_HOLDS = " and selective rollout's history of each prompt"
+GENERATION_COUNTS_FILE = "generation_counts.json"  # {"generation": GenerationCounter.state_dict()}
+_GENERATION_COUNTS_HOLDS = "the counts of completions and tokens generated so far"
 NONFINITE_STEPS_FILE = "nonfinite_steps.json"  # {"step_guard": NonFiniteStepGuard.state_dict()}
 _NONFINITE_STEPS_HOLDS = "the counts of optimizer steps skipped for a non-finite loss or gradient norm"
 # Inputs that `_get_per_token_logps_and_entropies` forwards to multimodal models.
@@ -199,6 +200,28 @@ class GRPOConfig(trl.GRPOConfig):
         default=False,
         metadata={"help": "Dynamic sampling: raise instead of training on a partly filled batch."},
     )
+    selective_rollout: bool = field(
+        default=False,
+        metadata={
+            "help": "GRESO selective rollout (arXiv 2506.02177): before generating, skip a prompt whose last z groups "
+            "all had equal rewards with probability 1 - max(p^z, 0.01), and replace it by a prompt of the "
+            "extra-prompt stream, so a step still gets its number of groups. The exploration probability p (one for "
+            "solved prompts, one for unsolved ones) adapts by 0.01 per step, within [0.05, 0.95], to hold "
+            "`selective_rollout_target` zero-variance groups among the generated ones. Works with and without "
+            "dynamic_sampling. Needs num_generations >= 2 (a group of one has no variance) and a map-style dataset."
+        },
+    )
+    selective_rollout_target: float = field(
+        default=0.25,
+        metadata={
+            "help": "Selective rollout: target share of zero-variance groups among the generated groups (GRESO's "
+            "alpha, 0.25), 1/3 of it for solved prompts and 2/3 for unsolved ones, which are explored more."
+        },
+    )
+    selective_rollout_exploration: float = field(
+        default=0.5,
+        metadata={"help": "Selective rollout: the initial exploration probability p of both kinds of prompts."},
+    )
     max_consecutive_nonfinite_steps: int = field(
         default=3,
         metadata={
@@ -247,6 +270,17 @@ class GRPOConfig(trl.GRPOConfig):
             OverlongPenalty(self.max_completion_length, self.overlong_buffer_len, self.overlong_penalty_factor)
         if self.max_num_gen_batches < 1:
             raise ValueError(f"`max_num_gen_batches` must be >= 1, got {self.max_num_gen_batches}.")
+        if not 0 < self.selective_rollout_target < 1:
+            raise ValueError(f"`selective_rollout_target` is {self.selective_rollout_target}; valid: 0 < x < 1.")
+        if not 0 < self.selective_rollout_exploration < 1:
+            raise ValueError(
+                f"`selective_rollout_exploration` is {self.selective_rollout_exploration}; valid: 0 < p < 1."
+            )
+        if self.selective_rollout and self.num_generations is not None and self.num_generations < 2:
+            raise ValueError(
+                f"`selective_rollout` is True with `num_generations` {self.num_generations}; valid: num_generations "
+                ">= 2, since it skips prompts whose groups had equal rewards and a group of one always has."
+            )
         if self.max_consecutive_nonfinite_steps < 1:
             raise ValueError(
                 f"`max_consecutive_nonfinite_steps` is {self.max_consecutive_nonfinite_steps}; valid: an int >= 1 "
@@ -314,6 +348,8 @@ class GRPOConfig(trl.GRPOConfig):
         reasons = {
             "dynamic_sampling_strict": None if self.dynamic_sampling else "dynamic_sampling is False",
             "max_num_gen_batches": None if self.dynamic_sampling else "dynamic_sampling is False",
+            "selective_rollout_target": None if self.selective_rollout else "selective_rollout is False",
+            "selective_rollout_exploration": None if self.selective_rollout else "selective_rollout is False",
             "overlong_penalty_factor": (
                 None if self.overlong_buffer_len is not None else "overlong_buffer_len is None (no overlong shaping)"
             ),
@@ -419,10 +455,8 @@ class GRPOTrainer(trl.GRPOTrainer):
         ]
         self._warned_non_finite_rewards = set()
         self._step_guard = NonFiniteStepGuard(args.max_consecutive_nonfinite_steps)
-        self._surplus = SurplusBuffer(
-            self.num_generations, capacity_groups=args.generation_batch_size // self.num_generations
-        )
-        self._extra_prompt_batches = PromptBatchStream(self._extra_prompt_loader)
+        self._generation_counter = GenerationCounter()
+        self._sampler = self._make_sampler() if args.dynamic_sampling or args.selective_rollout else None
         self._policy_loss_hyperparameters = {
             "eps_low": self.epsilon_low,
             "eps_high": self.epsilon_high,
@@ -461,8 +495,9 @@ class GRPOTrainer(trl.GRPOTrainer):
                 f"{args.num_generations}, over all processes): training would run 0 steps. Give more prompts, or "
                 "lower per_device_train_batch_size, steps_per_generation or the number of processes."
             )
-        if args.dynamic_sampling and isinstance(train_dataset, IterableDataset):
-            raise ValueError("`dynamic_sampling=True` draws extra prompts by index: use a map-style `Dataset`.")
+        for name in ("dynamic_sampling", "selective_rollout"):
+            if getattr(args, name) and isinstance(train_dataset, IterableDataset):
+                raise ValueError(f"`{name}=True` draws extra prompts by index: use a map-style `Dataset`.")
 
     @staticmethod
     def _with_overlong_penalty(reward_funcs, args: GRPOConfig) -> list:
@@ -508,8 +543,8 @@ class GRPOTrainer(trl.GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         mode = "train" if self.model.training else "eval"
-        if self.args.dynamic_sampling and mode == "train":
-            output = self._generate_with_dynamic_sampling(inputs)
+        if self._sampler is not None and mode == "train":
+            output = self._sampler.sample(inputs, self._generate_and_score_globally)
         else:
             output = self._generate_and_score_round(inputs)
         if self.args.advantage_estimator in GLOBALLY_WHITENED:
@@ -666,95 +701,46 @@ class GRPOTrainer(trl.GRPOTrainer):
             logged.pop()
         logged.extend(gathered)
 
-    # ------------------------------------------------------------------ dynamic sampling
-    def _generate_with_dynamic_sampling(self, inputs):
-        """Generate rounds of prompts until the batch holds its number of groups with a reward signal.
-
-        Every process runs the same rounds (the exit is decided from gathered rewards), then all rows are gathered
-        and each process takes the same number of rows, so collectives and shapes match across processes.
-        """
+    # ------------------------------------------------------------------ sampling
+    def _make_sampler(self) -> Sampler:
+        """The sampler of dynamic sampling and selective rollout; it calls back into the trainer for collectives,
+        log-probs and metrics only."""
         args = self.args
-        group_size = self.num_generations
-        local_size = len(inputs)
-        target_rows = local_size * self.accelerator.num_processes
-        rank_offset = self.accelerator.process_index * local_size
-        buffered_groups = self._surplus.num_groups
-        rounds, num_valid_groups, num_generated_groups = [], buffered_groups, 0
-        round_inputs = inputs
-        for _ in range(args.max_num_gen_batches):
-            output = self._generate_and_score_round(round_inputs)
-            has_signal = groups_with_signal(self._global_rewards(), group_size)  # identical on every process
-            row_has_signal = has_signal[
-                (rank_offset + torch.arange(local_size, device=has_signal.device)) // group_size
-            ]
-            rounds.append((split_rows(self._to_cpu(output), local_size), row_has_signal.tolist()))
-            num_valid_groups += int(has_signal.sum())
-            num_generated_groups += len(has_signal)
-            if num_valid_groups * group_size >= target_rows:
-                break
-            round_inputs = next(self._extra_prompt_batches)
-        else:
-            message = (
-                f"Dynamic sampling: {args.max_num_gen_batches} generation rounds gave {num_valid_groups} groups with "
-                f"a reward signal out of the {target_rows // group_size} needed (max_num_gen_batches)."
+        selective_rollout = None
+        if args.selective_rollout:
+            selective_rollout = SelectiveRollout(
+                args.selective_rollout_target, args.selective_rollout_exploration, seed=args.seed
             )
-            if args.dynamic_sampling_strict:
-                raise RuntimeError(message + " Set dynamic_sampling_strict=False to train on a partly filled batch.")
-            logger.warning(message + " The missing groups are masked out of the loss.")
+        return Sampler(
+            group_size=self.num_generations,
+            num_processes=self.accelerator.num_processes,
+            process_index=self.accelerator.process_index,
+            prompt_batches=self._extra_prompt_loader,
+            gather_object=gather_object,
+            to_training_batch=self._to_training_batch,
+            old_log_probs=None if args.has_old_log_probs else self._old_log_probs_of_rows,
+            log_metric=lambda name, value: self._metrics["train"][name].append(value),
+            pad_values=self._pad_values,
+            dynamic_sampling=args.dynamic_sampling,
+            max_num_gen_batches=args.max_num_gen_batches,
+            strict=args.dynamic_sampling_strict,
+            selective_rollout=selective_rollout,
+            buffer_capacity_groups=args.generation_batch_size // self.num_generations,
+        )
 
-        valid_rows, rows_without_signal = [], []
-        for round_index in range(len(rounds)):  # global order: round, then process, then row
-            for process_rounds in gather_object([rounds]):
-                rows, row_flags = process_rounds[round_index]
-                for row, has_signal in zip(rows, row_flags, strict=True):
-                    (valid_rows if has_signal else rows_without_signal).append(row)
+    def _generate_and_score_globally(self, inputs) -> tuple[dict, torch.Tensor]:
+        """One round for the sampler: this process's output and the rewards of every process's rows."""
+        output = self._generate_and_score_round(inputs)
+        return output, self._global_rewards()
 
-        buffered_rows = self._surplus.take_all()
-        candidates = buffered_rows + valid_rows
-        batch_rows, surplus_rows = candidates[:target_rows], candidates[target_rows:]
-        num_filler_rows = target_rows - len(batch_rows)
-        for row in rows_without_signal[:num_filler_rows]:  # whole groups: masked out of the loss
-            batch_rows.append({**row, "completion_mask": torch.zeros_like(row["completion_mask"])})
-        num_buffered_used = min(len(buffered_rows), target_rows)
-        self._fill_old_log_probs(batch_rows, surplus_rows, num_buffered_used)
-        num_dropped_groups = self._surplus.put(surplus_rows)
-
-        local_rows = batch_rows[rank_offset : rank_offset + local_size]
-        batch = stack_rows(local_rows, self._pad_values)
+    def _to_training_batch(self, batch: dict) -> dict:
         batch = {key: value.to(self.accelerator.device) for key, value in batch.items()}
         loss_mask = batch["completion_mask"] * batch.get("tool_mask", 1)
         batch["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
-
-        metrics = self._metrics["train"]
-        metrics["dynamic_sampling/rounds"].append(len(rounds))
-        metrics["dynamic_sampling/groups_generated"].append(num_generated_groups)
-        metrics["dynamic_sampling/groups_kept"].append((target_rows - num_filler_rows) // group_size)
-        metrics["dynamic_sampling/groups_from_buffer"].append(num_buffered_used // group_size)
-        metrics["dynamic_sampling/groups_masked"].append(num_filler_rows // group_size)
-        metrics["dynamic_sampling/groups_dropped"].append(num_dropped_groups)
-        metrics["dynamic_sampling/buffer_size"].append(self._surplus.num_groups)
-        zero_std_groups = len(rows_without_signal) // group_size
-        metrics["dynamic_sampling/zero_std_fraction"].append(zero_std_groups / max(num_generated_groups, 1))
         return batch
 
-    def _fill_old_log_probs(self, batch_rows: list[dict], surplus_rows: list[dict], num_buffered_used: int) -> None:
-        """Give buffered rows the log-probs of the policy that sampled them, so their ratio is importance-correct.
-
-        Surplus rows are scored now, by the policy that sampled them. When TRL computed no old log-probs (on-policy
-        updates) and the batch mixes buffered rows in, the fresh rows get the current policy's, i.e. ratio 1.
-        Called identically on every process (global rows), so the forward passes match under ZeRO-3 / FSDP.
-        """
-        if self.args.has_old_log_probs:
-            return  # TRL computed them in every round
-        for rows in (surplus_rows, batch_rows[num_buffered_used:] if num_buffered_used else []):
-            if not rows:
-                continue
-            batch = {
-                key: value.to(self.accelerator.device) for key, value in stack_rows(rows, self._pad_values).items()
-            }
-            log_probs = self._old_log_probs(batch).cpu()
-            for row, row_log_probs in zip(rows, log_probs, strict=True):
-                row["old_per_token_logps"] = row_log_probs[: row["completion_ids"].size(0)]
+    def _old_log_probs_of_rows(self, batch: dict) -> torch.Tensor:
+        return self._old_log_probs({key: value.to(self.accelerator.device) for key, value in batch.items()})
 
     @property
     def _pad_values(self) -> dict[str, float]:
@@ -765,10 +751,6 @@ class GRPOTrainer(trl.GRPOTrainer):
             "tool_mask": 1,
             "importance_sampling_ratio": 1,
         }
-
-    @staticmethod
-    def _to_cpu(batch: dict) -> dict:
-        return {key: value.cpu() if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
     def _extra_prompt_loader(self, epoch: int):
         """One epoch of fresh prompts for dynamic-sampling rounds, sharded like the training dataloader.
@@ -792,11 +774,23 @@ class GRPOTrainer(trl.GRPOTrainer):
             is_training=True,
         )
 
+    # ------------------------------------------------------------------ generation accounting
+    def _generate(self, prompts: list):
+        """TRL's generation, counting every completion and completion token generated for training, over all
+        processes (the one reduce runs on every process for every generate call)."""
+        generated = super()._generate(prompts)
+        if self.model.training:
+            _, completion_ids, tool_mask = generated[:3]
+            num_tokens = [sum(mask) for mask in tool_mask] if tool_mask is not None else map(len, completion_ids)
+            counts = torch.tensor([len(completion_ids), sum(num_tokens)], device=self.accelerator.device)
+            num_completions, num_tokens = self._all_reduce_sum(counts).tolist()
+            self._generation_counter.add(int(num_completions), int(num_tokens))
+        return generated
+
     # ------------------------------------------------------------------ checkpoints
     @property
-    def _dynamic_sampling_state(self) -> dict:
-        """What a dynamic-sampling step depends on besides the weights and RNG states, by section of its file."""
-        return {"surplus_buffer": self._surplus, "prompt_stream": self._extra_prompt_batches}
+    def _sampler_holds(self) -> str:
+        return _SURPLUS_BUFFER_HOLDS + (_SELECTIVE_ROLLOUT_HOLDS if self.args.selective_rollout else "")
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
@@ -807,18 +801,27 @@ class GRPOTrainer(trl.GRPOTrainer):
         )
         with open(os.path.join(checkpoint_dir, NONFINITE_STEPS_FILE), "w") as file:
             json.dump(section_states({"step_guard": self._step_guard}), file)
-        if self.args.dynamic_sampling:
-            torch.save(section_states(self._dynamic_sampling_state), os.path.join(checkpoint_dir, SURPLUS_BUFFER_FILE))
+        with open(os.path.join(checkpoint_dir, GENERATION_COUNTS_FILE), "w") as file:
+            json.dump(section_states({"generation": self._generation_counter}), file)
+        if self._sampler is not None:
+            torch.save(self._sampler.state_dict(), os.path.join(checkpoint_dir, SURPLUS_BUFFER_FILE))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         if checkpoint is not None:
             read_sections(
                 checkpoint, NONFINITE_STEPS_FILE, _NONFINITE_STEPS_HOLDS, read_json, {"step_guard": self._step_guard}
             )
-        if self.args.dynamic_sampling and checkpoint is not None:
             read_sections(
-                checkpoint, SURPLUS_BUFFER_FILE, _SURPLUS_BUFFER_HOLDS, read_torch, self._dynamic_sampling_state
+                checkpoint,
+                GENERATION_COUNTS_FILE,
+                _GENERATION_COUNTS_HOLDS,
+                read_json,
+                {"generation": self._generation_counter},
             )
+        if self._sampler is not None and checkpoint is not None:
+            state = read_file(checkpoint, SURPLUS_BUFFER_FILE, self._sampler_holds, read_torch)
+            with reading(checkpoint, SURPLUS_BUFFER_FILE, self._sampler_holds):
+                self._sampler.load_state_dict(state)
         super()._load_optimizer_and_scheduler(checkpoint)
 
     # ------------------------------------------------------------------ non-finite guard
@@ -848,6 +851,9 @@ class GRPOTrainer(trl.GRPOTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._step_guard.num_skipped:  # the run's count, from the first skipped step on
             logs = {**logs, "nonfinite/skipped_steps": self._step_guard.num_skipped}
+        if "loss" in logs:  # running totals, logged as they stand (TRL's `_metrics` would average them over steps)
+            counter = self._generation_counter
+            logs = {**logs, "generation/completions": counter.completions, "generation/tokens": counter.tokens}
         super().log(logs, start_time)
 
     def _save(self, output_dir=None, state_dict=None):

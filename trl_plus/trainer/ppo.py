@@ -412,6 +412,11 @@ class PPOConfig(GRPOConfig):
             "outside DDP's forward, so DDP's search for unused parameters would miss the critic's parameters; every "
             "trainable parameter gets a gradient in every backward, so there is nothing to search for.",
         )
+        check(
+            not (self.selective_rollout and (self.num_generations or 1) < 2),
+            f"`selective_rollout` is True with `num_generations` {self.num_generations or 1}; valid: num_generations "
+            ">= 2, since it skips prompts whose groups had equal rewards and a group of one always has.",
+        )
 
     @property
     def _scale_rewards_ignored_because(self) -> str | None:
