@@ -583,3 +583,21 @@ def test_preset_values_can_be_overridden(tmp_path):
     assert config.epsilon_high == 0.3 and config.mask_truncated_completions is False
     with pytest.raises(ValueError, match="kl_in_reward"):
         make_config(trl_plus.ReinforcePPConfig, tmp_path, beta=0.0)  # kl_in_reward=True needs beta > 0
+
+
+def test_aspo_preset_is_off_policy_by_default(tmp_path, caplog):
+    # On-policy, ASPO's weights are 1 (it is GRPO): the preset makes 2 optimizer steps per rollout, so the second
+    # one's ratios differ from 1, and does not warn.
+    with caplog.at_level(logging.WARNING, logger="trl_plus"):
+        config = make_config(trl_plus.ASPOConfig, tmp_path)
+    assert config.steps_per_generation == 2 * config.gradient_accumulation_steps
+    assert config.has_old_log_probs
+    assert not any("loss_type='aspo'" in record.getMessage() for record in caplog.records)
+    config = make_config(trl_plus.ASPOConfig, tmp_path, gradient_accumulation_steps=3)
+    assert (config.steps_per_generation, config.has_old_log_probs) == (6, True)
+    config = make_config(trl_plus.ASPOConfig, tmp_path, generation_batch_size=8, per_device_train_batch_size=4)
+    assert config.steps_per_generation == 2  # derived by TRL from the batch size the user gave
+    with caplog.at_level(logging.WARNING, logger="trl_plus"):  # the user's explicit on-policy layout still warns
+        config = make_config(trl_plus.ASPOConfig, tmp_path, steps_per_generation=1)
+    assert not config.has_old_log_probs
+    assert any("loss_type='aspo'" in record.getMessage() for record in caplog.records)
