@@ -133,8 +133,11 @@ class GRPOConfig(trl.GRPOConfig):
     """`trl.GRPOConfig` plus the choices of trl_plus. Every TRL field keeps its meaning and default.
 
     Fields added (see `../shared/ALGORITHMS.md` for the math): `advantage_estimator`, the `loss_type` values `aspo`,
-    `clip_cov` and `kl_cov`, `dual_clip_c`, `kl_estimator`, `kl_in_reward`, `loss_aggregation` and the
-    hyperparameters of ASPO, Clip-Cov and KL-Cov.
+    `clip_cov`, `kl_cov`, `gppo` and `ce_gppo`, `dual_clip_c`, `kl_estimator`, `kl_in_reward`, `loss_aggregation`,
+    `entropy_advantage_alpha` / `entropy_advantage_kappa` and the hyperparameters of ASPO, Clip-Cov, KL-Cov and
+    CE-GPPO. TRL's own loss options (entropy bonus, top_entropy_quantile, off_policy_mask_threshold, delta,
+    use_bias_correction_kl, importance_sampling_level) keep their meaning with every trl_plus loss, or are refused
+    at construction where the combination has none.
     """
 
     advantage_estimator: str = field(
