@@ -14,6 +14,7 @@ import torch
 from torch.testing import assert_close
 
 from trl_plus.algos import (
+    ADVANTAGE_SHAPERS,
     ADVANTAGES,
     AGGREGATIONS,
     KL_ESTIMATORS,
@@ -21,7 +22,10 @@ from trl_plus.algos import (
     Registry,
     aspo_loss,
     call_with_supported,
+    ce_gppo_loss,
     clip_cov_loss,
+    entropy_shaped_advantages,
+    gppo_loss,
     grpo_advantages,
     k1,
     k2,
@@ -65,7 +69,8 @@ def _loss_and_grad(loss_fn, log_prob, *args, **kwargs):
     "registry, expected",
     [
         (ADVANTAGES, {"grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax"}),
-        (POLICY_LOSSES, {"ppo_clip", "aspo", "clip_cov", "kl_cov"}),
+        (POLICY_LOSSES, {"ppo_clip", "aspo", "clip_cov", "kl_cov", "gppo", "ce_gppo"}),
+        (ADVANTAGE_SHAPERS, {"entropy"}),
         (AGGREGATIONS, {"token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"}),
         (KL_ESTIMATORS, {"k1", "k2", "k3"}),
     ],
@@ -1085,3 +1090,165 @@ def test_large_log_ratios_in_half_precision(
     # The ratio is computed in float32 (float16 overflows past e^11), so the loss comes back in float32.
     assert_close(loss.to(dtype), torch.tensor([[expected_loss]], dtype=dtype), **tolerance)
     assert_close(grad, torch.tensor([[expected_grad]], dtype=dtype), **tolerance)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Gradient-preserving clipping (GPPO arXiv 2508.07629, CE-GPPO arXiv 2509.20712) and TRL's delta
+# ----------------------------------------------------------------------------------------------------
+
+# log-ratios 0.1, 0.5, -0.5, 1.5 -> r = 1.105171, 1.648721, 0.606531, 4.481689; old logp = -3 everywhere.
+_GPPO_LOG_RATIOS = torch.tensor([[0.1, 0.5, -0.5, 1.5], [0.1, 0.5, -0.5, 1.5]])
+
+
+def test_gppo_golden():
+    """eps_low = 0.2, eps_high = 0.28. Row 0 A = 1, row 1 A = -2."""
+    old = torch.full((2, 4), -3.0)
+    advantages = torch.tensor([[1.0], [-2.0]])
+    loss, grad, metrics = _loss_and_grad(
+        gppo_loss, old + _GPPO_LOG_RATIOS, old, advantages, torch.ones(2, 4), eps_low=0.2, eps_high=0.28
+    )
+    expected_loss = torch.tensor(
+        [
+            # -A r; r = 1.648721 > 1.28: clipped, -(1 + eps_high) A = -1.28; r = 0.606531 (A > 0: no low clip);
+            # r = 4.481689 > 1.28: clipped, -1.28
+            [-1.105171, -1.28, -0.606531, -1.28],
+            # A < 0: -A r = 2 * r for r >= 0.8; r = 0.606531 < 0.8: clipped, -(1 - eps_low) A = 0.8 * 2 = 1.6
+            [2.210342, 3.297443, 1.6, 8.963378],
+        ]
+    )
+    assert_close(loss, expected_loss)
+    # Unclipped: d(-A r)/d logp = -A r. Clipped: -(1 -/+ eps) A (r / sg(r))' = -(1 -/+ eps) A, where PPO gives 0.
+    expected_grad = torch.tensor([[-1.105171, -1.28, -0.606531, -1.28], [2.210342, 3.297443, 1.6, 8.963378]])
+    assert_close(grad, expected_grad)
+    assert_close(metrics["clip_ratio/high_mean"], torch.tensor([[0.0, 1.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]]))
+    assert_close(metrics["clip_ratio/low_mean"], torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]))
+
+
+def test_gppo_with_dual_clip_and_delta_golden():
+    """Dual clip c = 3: row 1 (A = -2), r = 4.481689: -A r = 8.963378 > -A c = 6 -> loss 6, gradient 0.
+    delta = 1.5 (TRL's two-sided clip of the unclipped term): row 0 (A = 1) is clipped above 1.28 anyway; row 1's
+    r = 1.648721 -> -A min(r, 1.5) = 3.0, gradient 0; r = 4.481689 -> 3.0, then dual clip leaves 3 < 6."""
+    old = torch.full((2, 4), -3.0)
+    advantages = torch.tensor([[1.0], [-2.0]])
+    ones = torch.ones(2, 4)
+    loss, grad, metrics = _loss_and_grad(
+        gppo_loss, old + _GPPO_LOG_RATIOS, old, advantages, ones, eps_low=0.2, eps_high=0.28, dual_clip_c=3.0
+    )
+    assert_close(loss[1], torch.tensor([2.210342, 3.297443, 1.6, 6.0]))
+    assert_close(grad[1], torch.tensor([2.210342, 3.297443, 1.6, 0.0]))
+    assert_close(metrics["clip_ratio/dual_mean"][1], torch.tensor([0.0, 0.0, 0.0, 1.0]))
+    loss, grad, _ = _loss_and_grad(
+        gppo_loss, old + _GPPO_LOG_RATIOS, old, advantages, ones, eps_low=0.2, eps_high=0.28, delta=1.5
+    )
+    assert_close(loss[1], torch.tensor([2.210342, 3.0, 1.6, 3.0]))
+    assert_close(grad[1], torch.tensor([2.210342, 0.0, 1.6, 0.0]))
+
+
+def test_ce_gppo_golden():
+    """beta1 = 0.5 (A < 0, r < 1 - eps_low), beta2 = 2 (A > 0, r > 1 + eps_high): the clipped tokens' loss and
+    gradient are beta times GPPO's: row 0 r = 1.648721, 4.481689: -2 * 1.28 = -2.56; row 1 r = 0.606531:
+    0.5 * 0.8 * 2 = 0.8. Unclipped tokens are GPPO's (and PPO's)."""
+    old = torch.full((2, 4), -3.0)
+    advantages = torch.tensor([[1.0], [-2.0]])
+    loss, grad, _ = _loss_and_grad(
+        ce_gppo_loss,
+        old + _GPPO_LOG_RATIOS,
+        old,
+        advantages,
+        torch.ones(2, 4),
+        eps_low=0.2,
+        eps_high=0.28,
+        ce_gppo_beta_low=0.5,
+        ce_gppo_beta_high=2.0,
+    )
+    expected = torch.tensor([[-1.105171, -2.56, -0.606531, -2.56], [2.210342, 3.297443, 0.8, 8.963378]])
+    assert_close(loss, expected)
+    assert_close(grad, expected)  # every term here is (constant) * r / sg(r) or -A r: gradient = value
+
+
+def test_ce_gppo_registered_defaults_are_the_authors():
+    import inspect
+
+    defaults = inspect.signature(POLICY_LOSSES.get("ce_gppo")).parameters
+    assert (defaults["ce_gppo_beta_low"].default, defaults["ce_gppo_beta_high"].default) == (0.75, 1.0)
+
+
+@pytest.mark.parametrize("advantage", [1.5, -0.7])
+def test_gradient_preserving_clip_properties(advantage):
+    """Over log-ratios -2..2: (1) GPPO's loss VALUE is PPO-clip's everywhere (only the backward pass differs);
+    (2) its gradient is PPO's on unclipped tokens and -(1 -/+ eps) A on clipped ones, bounded by (1 + eps_high) |A|
+    where PPO's is 0; (3) CE-GPPO with beta1 = beta2 = 0 is PPO-clip exactly, value and gradient."""
+    eps_low, eps_high = 0.2, 0.28
+    log_ratio = torch.linspace(-2.0, 2.0, 41, dtype=torch.float64)[None, :]
+    old = torch.full_like(log_ratio, -2.5)
+    advantages = torch.full((1, 1), advantage, dtype=torch.float64)
+    mask = torch.ones_like(log_ratio)
+    hyper = {"eps_low": eps_low, "eps_high": eps_high}
+    ppo, ppo_grad, _ = _loss_and_grad(ppo_clip_loss, old + log_ratio, old, advantages, mask, **hyper)
+    gppo, gppo_grad, metrics = _loss_and_grad(gppo_loss, old + log_ratio, old, advantages, mask, **hyper)
+    assert_close(gppo, ppo)
+    clipped = metrics["clip_ratio/region_mean"].bool()
+    assert clipped.any() and (~clipped).any()
+    assert_close(gppo_grad[~clipped], ppo_grad[~clipped])
+    assert (ppo_grad[clipped] == 0).all()
+    bound = (1 - eps_low) if advantage < 0 else (1 + eps_high)
+    assert_close(gppo_grad[clipped], torch.full_like(gppo_grad[clipped], -bound * advantage))
+    zero_beta, zero_beta_grad, _ = _loss_and_grad(
+        ce_gppo_loss, old + log_ratio, old, advantages, mask, ce_gppo_beta_low=0.0, ce_gppo_beta_high=0.0, **hyper
+    )
+    assert_close(zero_beta_grad, ppo_grad)
+    assert_close(zero_beta[~clipped], ppo[~clipped])  # clipped tokens: value 0 * bound, gradient 0 as PPO
+
+
+def test_ppo_clip_delta_golden():
+    """TRL's delta (INTELLECT-2): the unclipped ratio is min(r, delta). eps_low = 0.2, eps_high = 1.0, delta = 1.5.
+    A = 1, r = 1.648721 (< 1 + eps_high = 2): -min(min(r, 1.5), clip(r)) A = -1.5, gradient 0 (PPO: -r, -1.648721).
+    A = -1, r = 4.481689: -min(-1.5, -2) = 2 (the clipped term, as PPO; gradient 0)."""
+    old = torch.full((2, 1), -3.0)
+    log_prob = old + torch.tensor([[0.5], [1.5]])
+    loss, grad, _ = _loss_and_grad(
+        ppo_clip_loss,
+        log_prob,
+        old,
+        torch.tensor([[1.0], [-1.0]]),
+        torch.ones(2, 1),
+        eps_low=0.2,
+        eps_high=1.0,
+        delta=1.5,
+    )
+    assert_close(loss, torch.tensor([[-1.5], [2.0]]))
+    assert_close(grad, torch.tensor([[0.0], [0.0]]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Entropy-shaped advantages (arXiv 2506.14758)
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_entropy_shaped_advantages_golden():
+    """alpha = 0.4, kappa = 2: psi = min(0.4 H, |A| / 2).
+    A = 1:  H = 0.5 -> min(0.2, 0.5) = 0.2 -> 1.2; H = 2 -> min(0.8, 0.5) = 0.5 -> 1.5; H = 0 -> 1.0; masked -> 0.
+    A = -1: -1 + 0.2 = -0.8; -1 + 0.5 = -0.5; -1.0; masked -> 0.
+    A = 0:  min(0.4 H, 0) = 0: a zero advantage stays 0 (no signal is invented)."""
+    advantages = torch.tensor([[1.0], [-1.0], [0.0]])
+    entropies = torch.tensor([[0.5, 2.0, 0.0, 3.0]]).expand(3, 4)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]]).expand(3, 4)
+    shaped = entropy_shaped_advantages(advantages, entropies, mask, alpha=0.4, kappa=2.0)
+    assert_close(shaped, torch.tensor([[1.2, 1.5, 1.0, 0.0], [-0.8, -0.5, -1.0, 0.0], [0.0, 0.0, 0.0, 0.0]]))
+
+
+def test_entropy_shaped_advantages_properties():
+    """For random A and H >= 0 with kappa > 1: the bonus is in [0, |A| / kappa] and at most alpha H, the sign of A
+    never flips, and no gradient reaches the entropies (sg(H))."""
+    generator = torch.Generator().manual_seed(0)
+    advantages = torch.randn(64, 1, generator=generator) * 2
+    entropies = (torch.rand(64, 16, generator=generator) * 4).requires_grad_(True)
+    mask = torch.ones(64, 16)
+    for alpha, kappa in [(0.1, 1.5), (0.4, 2.0), (5.0, 1.01)]:
+        shaped = entropy_shaped_advantages(advantages, entropies, mask, alpha=alpha, kappa=kappa)
+        bonus = shaped - advantages
+        assert (bonus >= 0).all()
+        assert (bonus <= advantages.abs() / kappa + 1e-6).all()
+        assert (bonus <= alpha * entropies.detach() + 1e-6).all()
+        assert (torch.sign(shaped) == torch.sign(advantages).expand_as(shaped)).all()
+        assert not shaped.requires_grad

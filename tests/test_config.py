@@ -97,26 +97,27 @@ INVALID_CONFIGS = {
     "kl_estimator sapo": ({"loss_type": "sapo", "beta": 0.1, "kl_estimator": "k2"}, ["loss_type='sapo'"]),
     "loss_aggregation vespo": ({"loss_type": "vespo", "loss_aggregation": "token_mean"}, ["loss_type='vespo'"]),
     "kl_in_reward luspo": ({"loss_type": "luspo", "beta": 0.1, "kl_in_reward": True}, ["loss_type='luspo'"]),
-    # TRL loss options that the registry path does not implement must not be silently ignored.
-    "registry + sequence IS": (
-        {"dual_clip_c": 3.0, "importance_sampling_level": "sequence"},
-        ["importance_sampling_level='sequence'"],
+    # TRL loss options whose meaning a trl_plus loss lacks are refused, saying why.
+    "aspo + delta": (
+        {"loss_type": "aspo", "delta": 2.0, "num_iterations": 2},
+        ["`delta` is 2.0", "loss_type='aspo'", "aspo_neg_clip", "['ce_gppo', 'clip_cov', 'gppo', 'grpo'"],
     ),
-    "aspo + sequence IS": (
-        {"loss_type": "aspo", "importance_sampling_level": "sequence", "num_iterations": 2},
-        ["importance_sampling_level='sequence'", "loss_type='aspo'"],
+    "kl_cov + delta": ({"loss_type": "kl_cov", "delta": 2.0, "num_iterations": 2}, ["loss_type='kl_cov'", "delta"]),
+    "clip_cov + sequence IS": (
+        {"loss_type": "clip_cov", "importance_sampling_level": "sequence"},
+        ["importance_sampling_level='sequence'", "loss_type='clip_cov'", "token-level covariance"],
     ),
-    "registry + top_entropy_quantile": (
-        {"loss_aggregation": "token_mean", "top_entropy_quantile": 0.5},
-        ["top_entropy_quantile"],
+    "kl_cov + sequence IS": (
+        {"loss_type": "kl_cov", "importance_sampling_level": "sequence", "num_iterations": 2},
+        ["importance_sampling_level='sequence'", "loss_type='kl_cov'"],
     ),
-    "registry + off_policy_mask": (
-        {"loss_type": "clip_cov", "off_policy_mask_threshold": 0.5},
-        ["off_policy_mask_threshold"],
+    "entropy advantage + cispo": (
+        {"loss_type": "cispo", "entropy_advantage_alpha": 0.4},
+        ["entropy_advantage_alpha", "loss_type='cispo'"],
     ),
-    "registry + entropy_coef": ({"dual_clip_c": 3.0, "entropy_coef": 0.01}, ["entropy_coef"]),
-    "registry + adaptive entropy": ({"dual_clip_c": 3.0, "use_adaptive_entropy": True}, ["use_adaptive_entropy"]),
-    "registry + delta": ({"beta": 0.1, "kl_estimator": "k2", "delta": 2.0}, ["delta"]),
+    "entropy advantage alpha < 0": ({"entropy_advantage_alpha": -0.1}, ["`entropy_advantage_alpha` is -0.1"]),
+    "entropy advantage kappa <= 1": ({"entropy_advantage_kappa": 1.0}, ["`entropy_advantage_kappa` is 1.0", "> 1"]),
+    "ce_gppo beta < 0": ({"loss_type": "ce_gppo", "ce_gppo_beta_low": -0.5}, ["`ce_gppo_beta_low` is -0.5"]),
     # KL-Cov penalizes |logp - old_logp|, identically 0 when every update is on-policy.
     "kl_cov on-policy": ({"loss_type": "kl_cov"}, ["loss_type='kl_cov'", "num_iterations > 1"]),
     "kl_cov aligned GA": (
@@ -147,6 +148,13 @@ def test_invalid_config_raises_at_construction(tmp_path, overrides, expected_wor
         {"loss_type": "kl_cov", "gradient_accumulation_steps": 2, "steps_per_generation": 4},
         {"loss_type": "cispo", "importance_sampling_level": "sequence"},  # TRL path: TRL's options stay available
         {"loss_type": "dapo", "delta": 2.0, "top_entropy_quantile": 0.5, "entropy_coef": 0.01},
+        # TRL's loss options compose with the registry path (tests/test_trainer.py checks their meaning).
+        {"dual_clip_c": 3.0, "importance_sampling_level": "sequence", "delta": 2.0},
+        {"loss_type": "aspo", "importance_sampling_level": "sequence", "num_iterations": 2},
+        {"loss_aggregation": "token_mean", "top_entropy_quantile": 0.5, "use_adaptive_entropy": True},
+        {"loss_type": "clip_cov", "off_policy_mask_threshold": 0.5, "entropy_coef": 0.01, "delta": 2.0},
+        {"loss_type": "gppo", "importance_sampling_level": "sequence", "delta": 2.0, "entropy_advantage_alpha": 0.4},
+        {"entropy_advantage_alpha": 0.4, "entropy_advantage_kappa": 1.0001},
     ],
 )
 def test_boundary_configs_are_accepted(tmp_path, overrides):
@@ -301,7 +309,9 @@ def test_command_line_values_have_the_annotated_types(tmp_path):
 
 
 def test_loss_types_reading_each_hyperparameter_come_from_the_loss_signatures():
-    assert loss_types_reading("dual_clip_c") == ["grpo", "dapo", "dr_grpo"]  # the PPO-clip loss types
+    assert loss_types_reading("dual_clip_c") == ["ce_gppo", "gppo", "grpo", "dapo", "dr_grpo"]
+    assert loss_types_reading("delta") == ["ce_gppo", "clip_cov", "gppo", "grpo", "dapo", "dr_grpo"]
+    assert loss_types_reading("ce_gppo_beta_low") == loss_types_reading("ce_gppo_beta_high") == ["ce_gppo"]
     assert loss_types_reading("aspo_neg_clip") == loss_types_reading("aspo_pos_clip") == ["aspo"]
     assert loss_types_reading("clip_cov_ratio") == loss_types_reading("clip_cov_ub") == ["clip_cov"]
     assert loss_types_reading("kl_cov_coef") == ["kl_cov"]
@@ -315,7 +325,7 @@ def test_dual_clip_c_with_a_loss_that_does_not_read_it_raises(tmp_path, loss_typ
         make_config(trl_plus.GRPOConfig, tmp_path, loss_type=loss_type, dual_clip_c=3.0, num_iterations=2)
     assert str(excinfo.value) == (
         f"`dual_clip_c` is 3.0, which loss_type={loss_type!r} does not read; valid: loss_type in "
-        "['grpo', 'dapo', 'dr_grpo'], or dual_clip_c=None."
+        "['ce_gppo', 'gppo', 'grpo', 'dapo', 'dr_grpo'], or dual_clip_c=None."
     )
 
 
@@ -573,3 +583,21 @@ def test_preset_values_can_be_overridden(tmp_path):
     assert config.epsilon_high == 0.3 and config.mask_truncated_completions is False
     with pytest.raises(ValueError, match="kl_in_reward"):
         make_config(trl_plus.ReinforcePPConfig, tmp_path, beta=0.0)  # kl_in_reward=True needs beta > 0
+
+
+def test_aspo_preset_is_off_policy_by_default(tmp_path, caplog):
+    # On-policy, ASPO's weights are 1 (it is GRPO): the preset makes 2 optimizer steps per rollout, so the second
+    # one's ratios differ from 1, and does not warn.
+    with caplog.at_level(logging.WARNING, logger="trl_plus"):
+        config = make_config(trl_plus.ASPOConfig, tmp_path)
+    assert config.steps_per_generation == 2 * config.gradient_accumulation_steps
+    assert config.has_old_log_probs
+    assert not any("loss_type='aspo'" in record.getMessage() for record in caplog.records)
+    config = make_config(trl_plus.ASPOConfig, tmp_path, gradient_accumulation_steps=3)
+    assert (config.steps_per_generation, config.has_old_log_probs) == (6, True)
+    config = make_config(trl_plus.ASPOConfig, tmp_path, generation_batch_size=8, per_device_train_batch_size=4)
+    assert config.steps_per_generation == 2  # derived by TRL from the batch size the user gave
+    with caplog.at_level(logging.WARNING, logger="trl_plus"):  # the user's explicit on-policy layout still warns
+        config = make_config(trl_plus.ASPOConfig, tmp_path, steps_per_generation=1)
+    assert not config.has_old_log_probs
+    assert any("loss_type='aspo'" in record.getMessage() for record in caplog.records)

@@ -888,3 +888,131 @@ def test_overlong_penalty_given_twice_raises(prompt_dataset, tmp_path, penalty):
         f"holds one ({type(penalty).__name__}): it would be applied twice. Unset overlong_buffer_len, or remove the "
         "penalty from reward_funcs."
     )
+
+
+# ---------------------------------------------------------------------------------------------- 7. TRL's loss options
+
+
+def _entropy_controller_state(trainer):
+    return trainer.entropy_coef, trainer._last_world_entropy, trainer._entropy_window_stats
+
+
+def _set_entropy_controller_state(trainer, state):
+    trainer.entropy_coef, trainer._last_world_entropy, trainer._entropy_window_stats = state
+
+
+# Each of TRL 1.16's loss options, on a batch that exercises it: 50% top-entropy tokens; the off-policy mask with
+# threshold -0.2 (a negative-advantage sequence is dropped when its mean log(pi_old / pi) > -0.2: on this batch the
+# means are -0.28 and -0.12 for the two negative rows, so one is dropped and one kept); delta 1.3 (noise e^{+-0.6}
+# puts ratios above it); GSPO's sequence ratio (with the KL bias correction, whose weight is then the sequence ratio
+# too); a static and an adaptive entropy bonus.
+TRL_LOSS_OPTIONS = [
+    pytest.param("dapo", {"top_entropy_quantile": 0.5}, id="top_entropy_quantile"),
+    pytest.param("grpo", {"off_policy_mask_threshold": -0.2}, id="off_policy_mask_threshold"),
+    pytest.param("dapo", {"delta": 1.3}, id="delta"),
+    pytest.param("grpo", {"importance_sampling_level": "sequence"}, id="sequence"),
+    pytest.param(
+        "dapo",
+        {"importance_sampling_level": "sequence", "beta": 0.1, "use_bias_correction_kl": True},
+        id="sequence-kl-bias-corrected",
+    ),
+    pytest.param("dr_grpo", {"entropy_coef": 0.05}, id="entropy_coef"),
+    pytest.param(
+        "dapo",
+        {"use_adaptive_entropy": True, "entropy_coef": 0.05, "entropy_target": 10.0, "top_entropy_quantile": 0.5},
+        id="adaptive-entropy-top-quantile",
+    ),
+]
+
+
+@pytest.mark.parametrize(("loss_type", "option"), TRL_LOSS_OPTIONS)
+def test_registry_path_keeps_trl_meaning_of_each_loss_option(
+    tiny_model_path, prompt_dataset, tmp_path, monkeypatch, loss_type, option
+):
+    # The registry path (POLICY_LOSSES["ppo_clip"] + AGGREGATIONS) with TRL's option on must give TRL's own loss,
+    # gradients and metrics with that option on: the composition keeps TRL's meaning of every option.
+    trainer = build(
+        tiny_model_path,
+        prompt_dataset,
+        tmp_path,
+        loss_type=loss_type,
+        loss_aggregation=AGGREGATION_OF[loss_type],
+        generation_kwargs=EOS_BIAS,
+        **OFF_POLICY,
+        **option,
+    )
+    assert trainer.args.registry_policy_loss == "ppo_clip"
+    inputs = micro_batch(trainer)
+    keys = ["old_per_token_logps"] + (["ref_per_token_logps"] if "beta" in option else [])
+    inputs = perturb_log_probs(inputs, keys)
+    inputs["advantages"] = torch.tensor([-1.0, -0.5, 1.5, 0.5])  # both signs twice (the off-policy mask reads A < 0)
+    monkeypatch.setattr(trl.GRPOTrainer, "_compute_loss", lambda *a: pytest.fail("TRL's loss was called"))
+    # Two steps, so the adaptive controller's first update (gate closed at step 1, then open) is part of the check.
+    start = _entropy_controller_state(trainer)
+    registry = [loss_and_grads(trainer, inputs) for _ in range(2)]
+    registry_metrics, registry_state = last_metrics(trainer), _entropy_controller_state(trainer)
+    monkeypatch.undo()
+    _set_entropy_controller_state(trainer, start)
+    reference = [loss_and_grads(trainer, inputs, trl_reference=True) for _ in range(2)]
+    reference_metrics, reference_state = last_metrics(trainer), _entropy_controller_state(trainer)
+
+    for (registry_loss, registry_grads), (reference_loss, reference_grads) in zip(registry, reference, strict=True):
+        assert reference_loss.abs() > 1e-4
+        torch.testing.assert_close(registry_loss, reference_loss, rtol=1e-6, atol=1e-7)
+        assert_same_grads(registry_grads, reference_grads)
+    assert registry_state[:2] == pytest.approx(reference_state[:2], rel=1e-6)
+    shared = {"entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "kl"}
+    shared |= {"policy_loss", "entropy_coef"}
+    for key in shared & reference_metrics.keys():
+        assert registry_metrics[key] == pytest.approx(reference_metrics[key], rel=1e-6), key
+
+    # The option does act on this batch: with it off, TRL's loss differs.
+    for name, value in {
+        "top_entropy_quantile": 1.0,
+        "off_policy_mask_threshold": None,
+        "importance_sampling_level": "token",
+        "_entropy_bonus_enabled": False,
+    }.items():
+        monkeypatch.setattr(trainer, name, value)
+    monkeypatch.setattr(trainer.args, "delta", None)
+    _set_entropy_controller_state(trainer, registry_state)
+    without_option = trl.GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
+    assert not torch.allclose(without_option, reference[-1][0], rtol=1e-4)
+
+
+def test_gppo_and_entropy_shaped_advantages_in_the_trainer(tiny_model_path, prompt_dataset, tmp_path, monkeypatch):
+    # loss_type="gppo" with entropy_advantage_alpha: the trainer's loss and metrics are token_mean of
+    # POLICY_LOSSES["gppo"] on A' = entropy_shaped_advantages(A, H) with H the policy's token entropies (detached).
+    trainer = build(
+        tiny_model_path, prompt_dataset, tmp_path, loss_type="gppo", entropy_advantage_alpha=0.4, num_iterations=2
+    )
+    prepare_for_loss(trainer)
+    advantages = torch.tensor([-1.0, -0.5, 1.0, 0.5])
+    ratios = torch.tensor([0.5, 1.0, 2.0, 5.0])  # clipped: A < 0 at r = 0.5; A > 0 at r = 2, 5
+    inputs = crafted_inputs(trainer, advantages, ratios)
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    with torch.no_grad():
+        log_probs, entropies, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, input_ids, attention_mask, 4, compute_entropy=True
+        )
+    mask = inputs["completion_mask"].float()
+    shaped = trl_plus.algos.entropy_shaped_advantages(advantages[:, None], entropies, mask, alpha=0.4, kappa=2.0)
+    assert (shaped != advantages[:, None]).any()  # the tiny model's entropies (~ln 48 = 3.9) do shape A
+    expected, _ = POLICY_LOSSES.get("gppo")(
+        log_probs, inputs["old_per_token_logps"], shaped, mask, eps_low=0.2, eps_high=0.2
+    )
+    loss, grads = loss_and_grads(trainer, inputs)
+    metrics = last_metrics(trainer)
+    torch.testing.assert_close(loss, (expected * mask).sum() / 16, rtol=1e-5, atol=1e-6)
+    assert metrics["entropy_advantage/bonus_mean"] == pytest.approx(
+        ((shaped - advantages[:, None]) * mask).sum().item() / 16, rel=1e-5
+    )
+    # Clipped: r = 0.5 in the two A < 0 rows, r = 2 and 5 in the two A > 0 rows (the bonus keeps every sign).
+    assert metrics["clip_ratio/region_mean"] == pytest.approx(6 / 16)
+    # TRL's PPO-clip ("dapo") on the shaped advantages: the same loss value, other gradients (GPPO keeps the clipped
+    # tokens' gradient, PPO drops it).
+    monkeypatch.setattr(trainer, "loss_type", "dapo")
+    trl_loss, trl_grads = loss_and_grads(trainer, {**inputs, "advantages": shaped}, trl_reference=True)
+    torch.testing.assert_close(trl_loss, loss)  # GPPO's value is PPO-clip's value
+    assert any(not torch.allclose(grads[name], trl_grads[name]) for name in grads)

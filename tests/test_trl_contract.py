@@ -200,6 +200,10 @@ def test_trl_loss_types_are_the_ones_trl_plus_keeps():
         "vllm_importance_sampling_correction",
         "reward_weights",
         "num_generations_eval",
+        "entropy_target",
+        "entropy_coef_delta",
+        "entropy_coef_min",
+        "entropy_coef_max",
     ],
 )
 def test_config_fields_trl_plus_reads(field):
@@ -428,3 +432,31 @@ def test_vllm_sync_walks_the_named_parameters_of_the_model_it_was_given():
     assert "self.vllm_client.update_named_params(self._weight_metadata, self._iter_named_params())" in sync_source
     assert _parameter_names(VLLMGeneration._init_vllm) == ["self"]
     assert _parameter_names(VLLMGeneration.generate) == ["self", "prompts", "images", "num_generations", "profiler"]
+
+
+def test_loss_option_helpers_and_entropy_controller_state(tiny_model_path, prompt_dataset, tmp_path):
+    # The registry loss path calls TRL's mask helpers and keeps the entropy controller in TRL's attributes, which
+    # TRL's `_save_checkpoint` / `_load_optimizer_and_scheduler` write to and read from entropy_ctrl_state.json.
+    assert _parameter_names(trl.GRPOTrainer.get_high_entropy_mask) == ["self", "entropies", "mask", "threshold"]
+    assert _parameter_names(trl.GRPOTrainer.get_off_policy_mask) == [
+        "advantages",
+        "per_token_logps",
+        "sampling_per_token_logps",
+        "mask",
+        "off_policy_threshold",
+    ]
+    trainer = _trl_trainer(
+        tiny_model_path,
+        prompt_dataset,
+        tmp_path,
+        use_adaptive_entropy=True,
+        entropy_coef=0.05,
+        top_entropy_quantile=0.5,
+    )
+    assert trainer._entropy_bonus_enabled is True and trainer.use_adaptive_entropy is True
+    assert trainer.entropy_coef == 0.05
+    assert trainer._last_world_entropy == float("inf") and trainer._entropy_window_stats is None
+    assert trainer.top_entropy_quantile == 0.5 and trainer.off_policy_mask_threshold is None
+    assert trainer.importance_sampling_level == "token"
+    source = inspect.getsource(trl.GRPOTrainer._save_checkpoint)
+    assert "entropy_ctrl_state.json" in source and "_last_world_entropy" in source

@@ -1,5 +1,6 @@
 """Pure torch implementations of the algorithms: no transformers, accelerate or trl imports."""
 
+from .advantage_shaping import ADVANTAGE_SHAPERS, entropy_shaped_advantages
 from .advantages import (
     ADVANTAGES,
     GLOBALLY_WHITENED,
@@ -13,7 +14,16 @@ from .advantages import (
 )
 from .aggregation import AGGREGATIONS, seq_mean_token_mean, seq_mean_token_sum_norm, token_mean
 from .kl import KL_ESTIMATORS, k1, k2, k3
-from .policy_losses import POLICY_LOSSES, aspo_loss, clip_cov_loss, kl_cov_loss, ppo_clip_loss, token_covariance
+from .policy_losses import (
+    POLICY_LOSSES,
+    aspo_loss,
+    ce_gppo_loss,
+    clip_cov_loss,
+    gppo_loss,
+    kl_cov_loss,
+    ppo_clip_loss,
+    token_covariance,
+)
 from .registry import Registry, call_with_supported
 from .value import (
     AdaptiveKLController,
@@ -29,6 +39,7 @@ from .value import (
 
 __all__ = [
     "ADVANTAGES",
+    "ADVANTAGE_SHAPERS",
     "AdaptiveKLController",
     "FixedKLController",
     "AGGREGATIONS",
@@ -39,11 +50,14 @@ __all__ = [
     "ValuePretraining",
     "aspo_loss",
     "call_with_supported",
+    "ce_gppo_loss",
     "clip_cov_loss",
     "clipped_value_loss",
     "decoupled_gae",
+    "entropy_shaped_advantages",
     "explained_variance",
     "gae",
+    "gppo_loss",
     "grpo_advantages",
     "k1",
     "k2",

@@ -32,14 +32,16 @@ def ppo_clip_loss(
     eps_low: float,
     eps_high: float,
     dual_clip_c: float | None = None,
+    delta: float | None = None,
 ):
     """PPO clip with decoupled bounds (Clip-Higher, DAPO arXiv 2503.14476 eq. 10) and optional dual-clip.
 
     l = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A). With `dual_clip_c` = c > 1 (arXiv 1912.09729 eq. 5), for
-    A < 0 only, l = min(l, -c A): the loss is bounded by c |A| and its gradient is 0 once r > c.
+    A < 0 only, l = min(l, -c A): the loss is bounded by c |A| and its gradient is 0 once r > c. With `delta`
+    (INTELLECT-2 two-sided clipping, arXiv 2505.07291; TRL's `delta`), the unclipped term uses min(r, delta).
     """
     ratio = _ratio(log_prob, old_log_prob)
-    pg_loss1 = -advantages * ratio
+    pg_loss1 = -advantages * (ratio if delta is None else torch.clamp(ratio, max=delta))
     pg_loss2 = -advantages * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
     per_token_loss = torch.maximum(pg_loss1, pg_loss2)
     is_low_clipped = (ratio < 1 - eps_low) & (advantages < 0)
@@ -100,6 +102,94 @@ def aspo_loss(
     return per_token_loss, metrics
 
 
+def _gradient_preserving_clip_loss(
+    log_prob, old_log_prob, advantages, *, eps_low, eps_high, beta_low, beta_high, dual_clip_c, delta
+):
+    ratio = _ratio(log_prob, old_log_prob)
+    unit = ratio / ratio.detach()  # value 1, gradient grad logp: carries a bounded gradient through a clipped token
+    is_low_clipped = (ratio < 1 - eps_low) & (advantages < 0)
+    is_high_clipped = (ratio > 1 + eps_high) & (advantages > 0)
+    unclipped_ratio = ratio if delta is None else torch.clamp(ratio, max=delta)
+    per_token_loss = -advantages * unclipped_ratio
+    per_token_loss = torch.where(is_low_clipped, -beta_low * (1 - eps_low) * unit * advantages, per_token_loss)
+    per_token_loss = torch.where(is_high_clipped, -beta_high * (1 + eps_high) * unit * advantages, per_token_loss)
+    metrics = {
+        "clip_ratio/low_mean": is_low_clipped.float(),
+        "clip_ratio/high_mean": is_high_clipped.float(),
+        "clip_ratio/region_mean": (is_low_clipped | is_high_clipped).float(),
+    }
+    if dual_clip_c is not None:
+        pg_loss3 = -advantages * dual_clip_c
+        is_dual_clipped = (advantages < 0) & (per_token_loss > pg_loss3)
+        per_token_loss = torch.where(is_dual_clipped, pg_loss3, per_token_loss)
+        metrics["clip_ratio/dual_mean"] = is_dual_clipped.float()
+    return per_token_loss, metrics
+
+
+@POLICY_LOSSES.register("gppo")
+def gppo_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps_low: float,
+    eps_high: float,
+    dual_clip_c: float | None = None,
+    delta: float | None = None,
+):
+    """GPPO, gradient-preserving clipping (Klear-Reasoner, arXiv 2508.07629, the GPPO objective of sec. 3).
+
+    Where PPO clips (A < 0 and r < 1 - eps_low, or A > 0 and r > 1 + eps_high) the loss is
+    -(1 -/+ eps) * (r / sg(r)) * A: its value is PPO's clipped value, but its gradient is -(1 -/+ eps) A grad logp
+    instead of 0, so a clipped token keeps a gradient bounded by the clip bound. Elsewhere l = -r A, as PPO.
+    `dual_clip_c` and `delta` act as in `ppo_clip_loss` (the authors' code applies dual-clip c = 3 to A < 0).
+    """
+    return _gradient_preserving_clip_loss(
+        log_prob,
+        old_log_prob,
+        advantages,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        beta_low=1.0,
+        beta_high=1.0,
+        dual_clip_c=dual_clip_c,
+        delta=delta,
+    )
+
+
+@POLICY_LOSSES.register("ce_gppo")
+def ce_gppo_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps_low: float,
+    eps_high: float,
+    ce_gppo_beta_low: float = 0.75,
+    ce_gppo_beta_high: float = 1.0,
+    dual_clip_c: float | None = None,
+    delta: float | None = None,
+):
+    """CE-GPPO (arXiv 2509.20712, its objective; the authors' `compute_gppo_loss_general_beta`, defaults beta1 = 0.75,
+    beta2 = 1.0): GPPO with the clipped tokens' gradients scaled by beta1 (A < 0, r < 1 - eps_low: exploitation)
+    and beta2 (A > 0, r > 1 + eps_high: exploration): l = -beta1 (1 - eps_low) (r / sg(r)) A, resp.
+    -beta2 (1 + eps_high) (r / sg(r)) A. beta1 = beta2 = 1 is GPPO; beta1 < beta2 pushes entropy up.
+    """
+    return _gradient_preserving_clip_loss(
+        log_prob,
+        old_log_prob,
+        advantages,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        beta_low=ce_gppo_beta_low,
+        beta_high=ce_gppo_beta_high,
+        dual_clip_c=dual_clip_c,
+        delta=delta,
+    )
+
+
 def _masked_centered(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     mask = mask.to(values.dtype)
     return values - (values * mask).sum() / mask.sum().clamp(min=1.0)
@@ -124,14 +214,16 @@ def clip_cov_loss(
     clip_cov_lb: float = 1.0,
     clip_cov_ub: float = 5.0,
     generator: torch.Generator | None = None,
+    delta: float | None = None,
 ):
     """Clip-Cov (arXiv 2505.22617 sec. 4.2, verl `compute_policy_loss_clip_cov`).
 
     Among the valid tokens that PPO clipping left untouched and whose covariance lies in (lb, ub), pick at random
-    max(1, int(ratio * #valid)) and zero their loss (and so their gradient); the rest get the clipped PPO loss.
+    max(1, int(ratio * #valid)) and zero their loss (and so their gradient); the rest get the clipped PPO loss
+    (with `delta`, the unclipped term uses min(r, delta) as in `ppo_clip_loss`).
     """
     ratio = _ratio(log_prob, old_log_prob)
-    pg_loss1 = -advantages * ratio
+    pg_loss1 = -advantages * (ratio if delta is None else torch.clamp(ratio, max=delta))
     pg_loss2 = -advantages * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
     valid = mask.bool()
     is_ppo_clipped = (pg_loss2 > pg_loss1) & valid

@@ -29,6 +29,7 @@ from trl.rewards.other_rewards import _SoftOverlongPunishment
 from trl.trainer.utils import RepeatSampler, get_config_model_id
 
 from ..algos import (
+    ADVANTAGE_SHAPERS,
     ADVANTAGES,
     AGGREGATIONS,
     GLOBALLY_WHITENED,
@@ -51,6 +52,7 @@ from ..sampling import (
     greedy_rows_in_vllm_colocate,
 )
 from .checkpoints import read_file, read_json, read_sections, read_torch, reading, section_states
+from .entropy_bonus import apply_entropy_bonus
 from .field_types import check_field_types
 from .nonfinite import NonFiniteStepGuard, NonFiniteTrainingError
 
@@ -92,6 +94,26 @@ _MODEL_INPUT_KEYS = (
 )
 
 
+# Why a registered loss does not read TRL's `delta` (the cap on the unclipped ratio of the PPO-clip types).
+_WHY_NO_DELTA = {
+    "aspo": "ASPO has no unclipped ratio: positive tokens are capped at 1 + eps_high, negative ones by aspo_neg_clip",
+    "kl_cov": "KL-Cov's ratio term is unclipped by design (its penalty, not a clip, bounds the update)",
+}
+# Losses whose math is defined per token only, so a sequence-level ratio (GSPO) has no meaning for them.
+_TOKEN_LEVEL_ONLY = {
+    "clip_cov": "Clip-Cov detaches single tokens chosen by their token-level covariance of logp and A; a sequence "
+    "ratio shares one value among all tokens of a sequence, so detaching a token does not remove its gradient.",
+    "kl_cov": "KL-Cov penalizes |logp - old_logp| of single tokens chosen by their token-level covariance; it has no "
+    "sequence-level form.",
+}
+
+
+def _sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence mean of `(B, T)` values over the valid tokens, `(B, 1)` (GSPO, arXiv 2507.18071: the log of
+    the sequence ratio is the mean token log-ratio)."""
+    return ((values * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+
+
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"`{name}` is {value!r}; valid choices: {list(choices)}.")
@@ -112,8 +134,11 @@ class GRPOConfig(trl.GRPOConfig):
     """`trl.GRPOConfig` plus the choices of trl_plus. Every TRL field keeps its meaning and default.
 
     Fields added (see `../shared/ALGORITHMS.md` for the math): `advantage_estimator`, the `loss_type` values `aspo`,
-    `clip_cov` and `kl_cov`, `dual_clip_c`, `kl_estimator`, `kl_in_reward`, `loss_aggregation` and the
-    hyperparameters of ASPO, Clip-Cov and KL-Cov.
+    `clip_cov`, `kl_cov`, `gppo` and `ce_gppo`, `dual_clip_c`, `kl_estimator`, `kl_in_reward`, `loss_aggregation`,
+    `entropy_advantage_alpha` / `entropy_advantage_kappa` and the hyperparameters of ASPO, Clip-Cov, KL-Cov and
+    CE-GPPO. TRL's own loss options (entropy bonus, top_entropy_quantile, off_policy_mask_threshold, delta,
+    use_bias_correction_kl, importance_sampling_level) keep their meaning with every trl_plus loss, or are refused
+    at construction where the combination has none.
     """
 
     advantage_estimator: str = field(
@@ -168,6 +193,35 @@ class GRPOConfig(trl.GRPOConfig):
         default=2e-3, metadata={"help": "KL-Cov: fraction of valid tokens (top by covariance) that get the KL term."}
     )
     kl_cov_coef: float = field(default=1.0, metadata={"help": "KL-Cov: coefficient of |logp - old_logp|."})
+    ce_gppo_beta_low: float = field(
+        default=0.75,
+        metadata={
+            "help": "CE-GPPO (arXiv 2509.20712) beta1: gradient scale of clipped tokens with A < 0 and r < 1 - eps "
+            "(the authors' code: 0.75). Only loss_type='ce_gppo' reads it."
+        },
+    )
+    ce_gppo_beta_high: float = field(
+        default=1.0,
+        metadata={
+            "help": "CE-GPPO beta2: gradient scale of clipped tokens with A > 0 and r > 1 + eps_high (the authors' "
+            "code: 1.0). Only loss_type='ce_gppo' reads it."
+        },
+    )
+    entropy_advantage_alpha: float = field(
+        default=0.0,
+        metadata={
+            "help": "Entropy-shaped advantages (arXiv 2506.14758): A'_t = A_t + min(alpha * sg(H_t), |A_t| / kappa), "
+            "H_t the token entropy of the current policy, applied in the loss after any advantage_estimator. "
+            "0 (default): off."
+        },
+    )
+    entropy_advantage_kappa: float = field(
+        default=2.0,
+        metadata={
+            "help": "Entropy-shaped advantages: the bonus is at most |A_t| / kappa, so with kappa > 1 it never flips "
+            "an advantage's sign. Must be > 1."
+        },
+    )
     overlong_buffer_len: int | None = field(
         default=None,
         metadata={
@@ -288,6 +342,18 @@ class GRPOConfig(trl.GRPOConfig):
             )
         if self.kl_cov_coef < 0:
             raise ValueError(f"`kl_cov_coef` must be >= 0, got {self.kl_cov_coef}.")
+        for name in ("ce_gppo_beta_low", "ce_gppo_beta_high"):
+            if getattr(self, name) < 0:
+                raise ValueError(
+                    f"`{name}` is {getattr(self, name)}; valid: >= 0 (0 drops the clipped tokens' gradient, as PPO)."
+                )
+        if self.entropy_advantage_alpha < 0:
+            raise ValueError(f"`entropy_advantage_alpha` is {self.entropy_advantage_alpha}; valid: >= 0 (0 is off).")
+        if self.entropy_advantage_kappa <= 1:
+            raise ValueError(
+                f"`entropy_advantage_kappa` is {self.entropy_advantage_kappa}; valid: > 1 (the bonus is at most "
+                "|A| / kappa, so kappa <= 1 could flip a negative advantage's sign)."
+            )
         if self.advantage_estimator == "rloo" and self.num_generations is not None and self.num_generations < 2:
             raise ValueError(
                 f"advantage_estimator='rloo' needs num_generations >= 2 (the baseline of a completion is the mean "
@@ -315,21 +381,19 @@ class GRPOConfig(trl.GRPOConfig):
             return
         if self.loss_type not in (*_PPO_CLIP_AGGREGATION, *NEW_LOSS_TYPES):
             raise ValueError(
-                f"dual_clip_c, kl_estimator, kl_in_reward and loss_aggregation work with loss_type in "
-                f"{[*_PPO_CLIP_AGGREGATION, *NEW_LOSS_TYPES]}, got loss_type={self.loss_type!r}."
+                f"dual_clip_c, kl_estimator, kl_in_reward, loss_aggregation and entropy_advantage_alpha work with "
+                f"loss_type in {[*_PPO_CLIP_AGGREGATION, *NEW_LOSS_TYPES]}, got loss_type={self.loss_type!r}."
             )
-        unsupported = {
-            "importance_sampling_level='sequence'": self.importance_sampling_level != "token",
-            "top_entropy_quantile < 1": self.top_entropy_quantile < 1.0,
-            "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
-            "entropy_coef / use_adaptive_entropy": self.entropy_coef != 0.0 or self.use_adaptive_entropy,
-            "delta": self.delta is not None,
-        }
-        clashes = [name for name, is_set in unsupported.items() if is_set]
-        if clashes:
+        if self.delta is not None and self.loss_type not in loss_types_reading("delta"):
             raise ValueError(
-                f"{clashes} are TRL loss options that loss_type={self.loss_type!r} with trl_plus's loss options "
-                "(dual_clip_c, kl_estimator, kl_in_reward, loss_aggregation) does not support; unset them."
+                f"`delta` is {self.delta}, which loss_type={self.loss_type!r} does not read: TRL's delta caps the "
+                f"unclipped ratio of a PPO-clip loss, and {_WHY_NO_DELTA[self.loss_type]}. Valid: loss_type in "
+                f"{loss_types_reading('delta')}, or delta=None."
+            )
+        if self.importance_sampling_level == "sequence" and self.loss_type in _TOKEN_LEVEL_ONLY:
+            raise ValueError(
+                f"importance_sampling_level='sequence' with loss_type={self.loss_type!r}: "
+                f"{_TOKEN_LEVEL_ONLY[self.loss_type]} Valid: importance_sampling_level='token', or another loss_type."
             )
         if self.loss_type == "kl_cov" and not self.has_old_log_probs:
             raise ValueError(
@@ -354,6 +418,9 @@ class GRPOConfig(trl.GRPOConfig):
                 None if self.overlong_buffer_len is not None else "overlong_buffer_len is None (no overlong shaping)"
             ),
             "scale_rewards": self._scale_rewards_ignored_because,
+            "entropy_advantage_kappa": (
+                None if self.entropy_advantage_alpha > 0 else "entropy_advantage_alpha is 0 (no entropy shaping)"
+            ),
         }
         for name in self.__dataclass_fields__.keys() - trl.GRPOConfig.__dataclass_fields__.keys():
             loss_types = loss_types_reading(name)  # the hyperparameters of registered policy losses
@@ -387,6 +454,7 @@ class GRPOConfig(trl.GRPOConfig):
             or self.kl_estimator != "k3"
             or self.kl_in_reward
             or self.loss_aggregation is not None
+            or self.entropy_advantage_alpha > 0
         )
         return "ppo_clip" if uses_trl_plus_loss_option else None
 
@@ -468,6 +536,9 @@ class GRPOTrainer(trl.GRPOTrainer):
             "clip_cov_ub": args.clip_cov_ub,
             "kl_cov_ratio": args.kl_cov_ratio,
             "kl_cov_coef": args.kl_cov_coef,
+            "ce_gppo_beta_low": args.ce_gppo_beta_low,
+            "ce_gppo_beta_high": args.ce_gppo_beta_high,
+            "delta": args.delta,
         }
 
     @staticmethod
@@ -895,21 +966,49 @@ class GRPOTrainer(trl.GRPOTrainer):
         advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
         old_per_token_logps = inputs.get("old_per_token_logps")
         old_per_token_logps = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
+        # TRL's token masks, with TRL's meaning: the top-entropy tokens (80/20 forking tokens) and the off-policy
+        # sequence mask (judged on the estimator's advantages and the sampling policy's log-probs).
+        entropy_mask = None
+        if self.top_entropy_quantile < 1.0:
+            entropy_mask = self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
+        off_policy_mask = None
+        if self.off_policy_mask_threshold is not None:
+            off_policy_mask = self.get_off_policy_mask(
+                advantages=advantages,
+                per_token_logps=per_token_logps,
+                sampling_per_token_logps=inputs.get("sampling_per_token_logps", old_per_token_logps),
+                mask=mask,
+                off_policy_threshold=self.off_policy_mask_threshold,
+            )
+        if args.entropy_advantage_alpha > 0:
+            shaped = ADVANTAGE_SHAPERS.get("entropy")(
+                advantages, entropies, mask, alpha=args.entropy_advantage_alpha, kappa=args.entropy_advantage_kappa
+            )
+            self._metrics[mode]["entropy_advantage/bonus_mean"].append(
+                self._global_masked_mean(shaped - advantages, mask)
+            )
+            advantages = shaped
 
+        log_prob, old_log_prob = per_token_logps, old_per_token_logps
+        if self.importance_sampling_level == "sequence":  # GSPO: every token sees its sequence's mean log-prob
+            log_prob, old_log_prob = _sequence_mean(log_prob, mask), _sequence_mean(old_log_prob, mask)
         per_token_loss, loss_metrics = call_with_supported(
             POLICY_LOSSES.get(args.registry_policy_loss),
-            per_token_logps,
-            old_per_token_logps,
+            log_prob,
+            old_log_prob,
             advantages,
             mask,
             **self._policy_loss_hyperparameters,
         )
+        for token_mask in (off_policy_mask, entropy_mask):
+            if token_mask is not None:
+                per_token_loss = per_token_loss * token_mask
         if self.use_vllm and self.vllm_importance_sampling_correction:
             per_token_loss = per_token_loss * inputs["importance_sampling_ratio"]
         if self.beta != 0.0 and not args.kl_in_reward:
             per_token_kl = KL_ESTIMATORS.get(args.kl_estimator)(per_token_logps, inputs["ref_per_token_logps"])
-            if args.use_bias_correction_kl:
-                per_token_kl = per_token_kl * torch.exp(per_token_logps - old_per_token_logps)
+            if args.use_bias_correction_kl:  # the importance weight of the configured level, as TRL's
+                per_token_kl = per_token_kl * torch.exp(log_prob - old_log_prob)
             per_token_loss = per_token_loss + self.beta * per_token_kl
             self._metrics[mode]["kl"].append(self._global_masked_mean(per_token_kl, mask))
 
@@ -921,8 +1020,11 @@ class GRPOTrainer(trl.GRPOTrainer):
             num_tokens=self._token_mean_normalizer(inputs["num_items_in_batch"], mode),
             max_length=self.max_completion_length,
         )
+        policy_loss = loss.detach()
         if args.resolved_loss_aggregation != "token_mean":
             loss = loss / accumulation_steps
+        effective_mask = mask if entropy_mask is None else mask * entropy_mask
+        loss = apply_entropy_bonus(self, loss, policy_loss, entropies, effective_mask, mode)
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation_steps
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather(aux_loss.detach()).mean().item())
@@ -944,7 +1046,10 @@ class GRPOTrainer(trl.GRPOTrainer):
         return self.accelerator.reduce(tensor, reduction="sum")
 
     def _global_masked_mean(self, values: torch.Tensor, mask: torch.Tensor) -> float:
-        """Mean of `(B, T)` values over the valid tokens of every process."""
+        """Mean of `(B, T)` values over the valid tokens of every process; of `(B, 1)` values (one per sequence, as
+        with a sequence-level ratio) over the sequences, as TRL's metrics."""
+        if values.dim() == 2 and values.size(1) == 1 and mask.size(1) != 1:
+            mask = torch.ones_like(values)
         values = values.expand_as(mask)
         totals = self._all_reduce_sum(torch.stack([(values * mask).sum(), mask.sum().to(values.dtype)]).detach())
         return (totals[0] / totals[1].clamp(min=1.0)).item()

@@ -43,13 +43,30 @@ class GSPOConfig(GRPOConfig):
 @dataclass
 class ASPOConfig(GRPOConfig):
     """ASPO (arXiv 2510.06062): flipped importance weights for positive-advantage tokens, hard masks, soft dual clip
-    (eps 0.2 / 0.2, C_neg = C_pos = 3), token-level loss, no KL. ASPO reweights off-policy tokens: use
-    steps_per_generation > gradient_accumulation_steps (Archer2.0 makes 2 mini-batch updates per rollout)."""
+    (eps 0.2 / 0.2, C_neg = C_pos = 3), token-level loss, no KL.
+
+    ASPO reweights off-policy tokens; on-policy its weights are 1 and it trains as GRPO. So, as in the authors' setup
+    (Archer2.0 makes 2 mini-batch updates per rollout), each rollout serves 2 optimizer steps by default:
+    steps_per_generation = 2 * gradient_accumulation_steps, unless steps_per_generation or generation_batch_size is
+    given."""
 
     loss_type: str = field(default="aspo", metadata={"help": "ASPO policy loss."})
+    steps_per_generation: int | None = field(
+        default=None,
+        metadata={
+            "help": "Micro-batches per generation batch. None (default, with generation_batch_size None): "
+            "2 * gradient_accumulation_steps, i.e. 2 optimizer steps per rollout, the second one off-policy (what "
+            "ASPO's weights act on; Archer2.0 makes 2 mini-batch updates per rollout)."
+        },
+    )
     epsilon: float = field(default=0.2, metadata={"help": "ASPO eps_low, 0.2."})
     epsilon_high: float | None = field(default=0.2, metadata={"help": "ASPO eps_high, 0.2."})
     beta: float = field(default=0.0, metadata={"help": "No KL penalty."})
+
+    def __post_init__(self):
+        if self.steps_per_generation is None and self.generation_batch_size is None:
+            self.steps_per_generation = 2 * self.gradient_accumulation_steps
+        super().__post_init__()
 
 
 @dataclass
