@@ -222,14 +222,24 @@ def test_default_config_trains_exactly_like_trl(tiny_model_path, prompt_dataset,
 
     trl_logs, plus_logs = log_entries(trainers["trl"]), log_entries(trainers["trl_plus"])
     assert len(trl_logs) == 3
+    generated = []
     for step, (trl_entry, plus_entry) in enumerate(zip(trl_logs, plus_logs, strict=True)):
-        assert plus_entry.keys() == trl_entry.keys()
+        # trl_plus logs TRL's keys plus its cumulative generation counts (every trainer's, issue 14).
+        assert plus_entry.keys() - trl_entry.keys() == {"generation/completions", "generation/tokens"}
+        assert trl_entry.keys() <= plus_entry.keys()
+        generated.append(plus_entry["generation/completions"])
         for key, value in trl_entry.items():
             if value is None:
                 assert plus_entry[key] is None
             else:
                 assert plus_entry[key] == pytest.approx(value, rel=1e-6, abs=1e-9), f"step {step + 1}: {key}"
         assert trl_entry["grad_norm"] > 0
+    # One generation batch (16 completions) every steps_per_generation = 4 micro-batches, i.e. every 2 optimizer
+    # steps of 2 accumulated micro-batches, counted when generated: 16 at steps 1 and 2, 32 at step 3.
+    args = trainers["trl_plus"].args
+    micro_batches_before = [step * args.gradient_accumulation_steps for step in range(3)]
+    expected = [args.generation_batch_size * (m // args.steps_per_generation + 1) for m in micro_batches_before]
+    assert generated == expected == [16, 16, 32]
 
     initial = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_path).state_dict()
     trl_params = dict(trainers["trl"].model.named_parameters())

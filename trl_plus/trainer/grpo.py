@@ -598,7 +598,7 @@ class GRPOTrainer(trl.GRPOTrainer):
 
     def _report_non_finite_rewards(self, num_infinite: list[int], num_completions: int) -> None:
         """Metric `rewards/<name>/non_finite` (completions of the global batch given +-inf, now unscored) per reward
-        function from its first one on (a healthy run logs exactly TRL's keys), and a warning at that first one."""
+        function from its first one on (a healthy run logs no such key), and a warning at that first one."""
         mode = "train" if self.model.training else "eval"
         for name, count in zip(self.reward_func_names, num_infinite, strict=True):
             if count and name not in self._warned_non_finite_rewards:
