@@ -270,7 +270,7 @@ def parse_args() -> argparse.Namespace:
         type=int,
         default=7,
         help="Pairs of runs (trl_plus and TRL back to back, the order alternating A/B, B/A); the ratio is the median "
-        "of the per-pair ratios. 7: a single stall of the machine moved the median of 3 by up to 40%.",
+        "of the per-pair ratios. 7: a single stall of the machine moved the median of 3 by up to 40%%.",
     )
     parser.add_argument("--hidden-size", type=int, default=64, help="Hidden size of the tiny Qwen2.")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
