@@ -20,13 +20,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from check_dynamic_sampling import PROMPTS, MicroBatchRecorder, signal_reward
-from conftest import make_config, run_isolated
+from check_dynamic_sampling import (
+    PROMPTS,
+    SELECTIVE_GROUP_SIZE,
+    SELECTIVE_PROMPTS,
+    MicroBatchRecorder,
+    signal_reward,
+)
+from conftest import make_config, requires_gloo, run_isolated
 from datasets import Dataset, IterableDataset
 from torch.testing import assert_close
 
 from trl_plus import DAPOConfig, DAPOTrainer, GRPOConfig, GRPOTrainer
+from trl_plus.rewards.majority_vote import prompt_key
 from trl_plus.sampling import PromptBatchStream, SurplusBuffer, groups_with_signal, split_rows, stack_rows
+from trl_plus.sampling.selective import SIGNAL, SOLVED, UNSOLVED
 from trl_plus.trainer.checkpoints import MissingCheckpointFileError, UnreadableCheckpointFileError
 from trl_plus.trainer.grpo import SURPLUS_BUFFER_FILE
 
@@ -856,3 +864,109 @@ def test_two_processes_resume_continues_exactly_like_an_uninterrupted_run(two_pr
         assert 0 < batches_taken < 5  # the checkpoint is inside the stream's first epoch (5 batches of 3 prompts)
         assert run["saved_stream"] == {"epoch": 0, "batches_taken": batches_taken}
     assert two_process_run[0]["resume"]["resumed"]["stream"] == two_process_run[1]["resume"]["resumed"]["stream"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Selective rollout on one and two processes (the `selective` scenario of check_dynamic_sampling.py)
+# ---------------------------------------------------------------------------------------------------------------------
+
+SELECTIVE_STEPS = 8
+SELECTIVE_OUTCOMES = {"a": UNSOLVED, "b": SIGNAL, "c": SOLVED}  # by the prompt's first letter (`selective_reward`)
+
+
+@pytest.fixture(scope="module")
+def selective_runs(tiny_model_path, tmp_path_factory):
+    """{"single": [rank 0], "two": [rank 0, rank 1]}: each rank's `selective` results (its json) with the states of
+    its selective-rollout generator after every step (its .pt) under "generator_states"."""
+    root = tmp_path_factory.mktemp("selective-rollout-2proc")
+    script = [str(CHECK_SCRIPT), "--model", tiny_model_path, "--scenarios", "selective", "--out"]
+    commands = {
+        "single": [sys.executable, *script, str(root / "single")],
+        "two": [
+            *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"),
+            *script,
+            str(root / "two"),
+        ],
+    }
+    runs = {}
+    for name, command in commands.items():
+        returncode, output = run_isolated(command, TIMEOUT_S)
+        assert returncode == 0, f"{name} run exited {returncode}:\n{output[-6000:]}"
+        num_ranks = 1 if name == "single" else 2
+        runs[name] = []
+        for rank in range(num_ranks):
+            summary = json.loads((root / name / f"rank{rank}.json").read_text())
+            tensors = torch.load(root / name / f"rank{rank}.pt", weights_only=True)
+            assert summary["world_size"] == num_ranks and summary["failures"] == []
+            runs[name].append({**summary["selective"], **tensors["selective"]})
+    return runs
+
+
+def _skipped(run):
+    return [step["metrics"]["selective_rollout/prompts_skipped"] for step in run["steps"]]
+
+
+@requires_gloo
+def test_two_processes_selective_rollout_state_is_identical_on_every_process(selective_runs):
+    """History, exploration probabilities, reward range and the decision generator's state are the same on both
+    processes after every step; so are the skip counts, the generated rounds, and the rows each process trains on."""
+    rank0, rank1 = selective_runs["two"]
+    assert (rank0["rank"], rank1["rank"]) == (0, 1) and rank0["world_size"] == rank1["world_size"] == 2
+    assert len(rank0["steps"]) == len(rank1["steps"]) == SELECTIVE_STEPS
+    for step0, step1 in zip(rank0["steps"], rank1["steps"], strict=True):
+        assert step0["state"] == step1["state"]
+        assert step0["metrics"] == step1["metrics"]  # prompts_skipped, exploration_*, zero_variance_fraction ...
+        assert step0["rounds"] == step1["rounds"]  # gathered prompts of every round: the same global batch
+        assert step0["num_rows"] == step1["num_rows"] == 6  # 12 rows, 3 groups of 4, halved
+    assert torch.equal(rank0["generator_states"], rank1["generator_states"])  # same draws: same skip decisions
+    assert len(rank0["generator_states"]) == SELECTIVE_STEPS
+    assert not torch.equal(rank0["generator_states"][0], rank0["generator_states"][-1])  # it drew along the way
+    # not vacuous: prompts were skipped (none in the first epoch, when no prompt has a history yet)
+    assert _skipped(rank0) == _skipped(rank1)
+    assert _skipped(rank0)[:3] == [0, 0, 0] and sum(_skipped(rank0)) > 0
+    final = rank0["steps"][-1]["state"]
+    assert set(final["history"]) == {prompt_key(prompt) for prompt in SELECTIVE_PROMPTS}
+    assert final["reward_range"] == [0.0, 3.0]
+
+
+@requires_gloo
+def test_two_processes_selective_rollout_history_follows_the_generated_groups(selective_runs):
+    """The recorded history is each generated prompt's streak of one zero-variance kind, replayed here from the
+    gathered rounds; and the skipped prompts are zero-variance ones (the zero-variance share drops)."""
+    rank0 = selective_runs["two"][0]
+    history = {}
+    for step in rank0["steps"]:
+        (prompts,) = step["rounds"]  # no dynamic sampling: one round per step, its 12 prompts gathered
+        assert len(prompts) == 12
+        zero_variance = 0
+        for group in groups_of(prompts, SELECTIVE_GROUP_SIZE):
+            assert len(set(group)) == 1, group
+            outcome = SELECTIVE_OUTCOMES[group[0][0]]
+            previous, streak = history.get(prompt_key(group[0]), (SIGNAL, 0))
+            streak = 0 if outcome == SIGNAL else (streak + 1 if previous == outcome else 1)
+            history[prompt_key(group[0])] = [outcome, streak]
+            zero_variance += outcome != SIGNAL
+        assert step["state"]["history"] == history
+        assert step["metrics"]["sampling/zero_variance_fraction"] == pytest.approx(zero_variance / 3)
+    zero_variance_share = [step["metrics"]["sampling/zero_variance_fraction"] for step in rank0["steps"]]
+    first_epoch, later = zero_variance_share[:3], zero_variance_share[3:]
+    assert sum(first_epoch) / 3 == pytest.approx(6 / 9)  # every prompt once: 6 of the 9 are zero-variance
+    assert sum(later) / len(later) < 6 / 9 - 0.2  # skipping shifts the generated groups to `b` prompts
+    assert max(streak for _, streak in history.values()) >= 2
+
+
+@requires_gloo
+def test_two_processes_selective_rollout_decides_like_one_process(selective_runs):
+    """Decisions are made on gathered keys and rewards with a generator seeded alike everywhere, and the rewards here
+    depend only on the prompt and the row's global position, so 2 processes over the same global batches reproduce
+    the 1-process run: the same rounds, history, exploration probabilities, skip counts and generator state."""
+    (single,) = selective_runs["single"]
+    rank0 = selective_runs["two"][0]
+    assert single["world_size"] == 1 and len(single["steps"]) == SELECTIVE_STEPS
+    for one, two in zip(single["steps"], rank0["steps"], strict=True):
+        assert one["rounds"] == two["rounds"]
+        assert one["state"] == two["state"]
+        assert one["metrics"] == two["metrics"]
+        assert one["num_rows"] == 12 == 2 * two["num_rows"]
+    assert torch.equal(single["generator_states"], rank0["generator_states"])
+    assert _skipped(single) == _skipped(rank0) and sum(_skipped(single)) > 0

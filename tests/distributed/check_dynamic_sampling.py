@@ -13,18 +13,25 @@ completion, reward, masked), re-scored from the decoded text. Four runs, one aft
 - `strict`: the same with dynamic_sampling_strict=True: every process must raise RuntimeError (none may hang).
 - `resume`: as `signal`, 4 steps with a checkpoint after 2, then 2 steps resumed from it: the logged losses, the
   extra-prompt stream's position and the largest difference between the two runs' final weights.
+- `selective`: GRESO selective rollout without dynamic sampling, 8 steps on 9 prompts (3 groups a step, 3 steps an
+  epoch) whose rewards depend only on the prompt and the row's position in its group (`selective_reward`), so that a
+  1-process run over the same global batches must make the same decisions. Per step: the sampler's selective-rollout
+  state (history, exploration probabilities, reward range; its generator's state goes to `rank{RANK}.pt`), the
+  `selective_rollout/*` and `sampling/*` metrics, the row count and the prompts of every generated round (gathered).
+
+`--scenarios` picks the runs (default: the first four); the results are written by `fixed_batch.finish`.
 
 An exception other than that RuntimeError fails the launch (non-zero exit code).
 """
 
 import argparse
-import json
 import os
+from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object
 from datasets import Dataset
-from fixed_batch import exit_process
+from fixed_batch import exit_process, finish
 
 from trl_plus import GRPOConfig, GRPOTrainer
 from trl_plus.trainer.grpo import SURPLUS_BUFFER_FILE
@@ -40,6 +47,20 @@ def signal_reward(prompts, completions, **kwargs):
 
 def constant_reward(prompts, completions, **kwargs):
     return [1.0] * len(completions)
+
+
+# `a` prompts are always rewarded 0 (zero-variance, unsolved), `c` prompts always 3 (zero-variance, solved once the
+# range [0, 3] has been seen), `b` prompts by the row's position in its group (0, 1, 2, 3: always a signal).
+SELECTIVE_PROMPTS = [f"{kind}{index}=" for kind in "abc" for index in range(3)]
+SELECTIVE_GROUP_SIZE = 4
+
+
+def selective_reward(prompts, completions, **kwargs):
+    """Depends only on the prompt and the row's global position (the rows of a step are global in rank order and each
+    process holds as many), never on the completion: a 1- and a 2-process run see the same rewards."""
+    offset = int(os.environ.get("RANK", "0")) * len(prompts)
+    rewards = {"a": lambda row: 0.0, "b": lambda row: float(row % SELECTIVE_GROUP_SIZE), "c": lambda row: 3.0}
+    return [rewards[prompt[0]](offset + index) for index, prompt in enumerate(prompts)]
 
 
 class MicroBatchRecorder(GRPOTrainer):
@@ -165,32 +186,110 @@ def resume(model, output_dir):
     }
 
 
+class SelectiveRecorder(GRPOTrainer):
+    """Records, per training step, the selective-rollout state and metrics, the row count and the generated rounds."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.records, self.generator_states, self._rounds = [], [], []
+
+    def _generate_and_score_round(self, inputs):
+        output = super()._generate_and_score_round(inputs)
+        if self.model.training:  # every process generates every round: the gather runs everywhere
+            self._rounds.append(gather_object([row["prompt"] for row in inputs]))
+        return output
+
+    def _generate_and_score_completions(self, inputs):
+        batch = super()._generate_and_score_completions(inputs)
+        if not self.model.training:
+            return batch
+        state = self._sampler.state_dict()["selective_rollout"]
+        self.generator_states.append(state.pop("generator"))
+        metrics = {
+            name: values[-1]
+            for name, values in self._metrics["train"].items()
+            if name.startswith(("selective_rollout/", "sampling/"))
+        }
+        self.records.append(
+            {"state": state, "metrics": metrics, "num_rows": batch["completion_ids"].size(0), "rounds": self._rounds}
+        )
+        self._rounds = []
+        return batch
+
+
+def selective(model, output_dir):
+    settings = dict(
+        output_dir=output_dir,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        per_device_train_batch_size=len(SELECTIVE_PROMPTS) * SELECTIVE_GROUP_SIZE // 3 // world_size(),
+        num_generations=SELECTIVE_GROUP_SIZE,
+        max_completion_length=4,
+        learning_rate=1e-2,
+        max_steps=8,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        selective_rollout=True,
+        selective_rollout_exploration=0.2,
+    )
+    trainer = SelectiveRecorder(
+        model=model,
+        reward_funcs=selective_reward,
+        args=GRPOConfig(**settings),
+        train_dataset=Dataset.from_dict({"prompt": SELECTIVE_PROMPTS}),
+    )
+    trainer.train()
+    results = {
+        "steps": trainer.records,
+        "world_size": trainer.accelerator.num_processes,
+        "rank": trainer.accelerator.process_index,
+    }
+    return results, {"generator_states": torch.stack(trainer.generator_states)}
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+SCENARIOS = ("signal", "exhausted", "strict", "resume", "selective")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=SCENARIOS[:4])
     cli = parser.parse_args()
-    results = {
-        "signal": run(cli.model, os.path.join(cli.out, "signal"), signal_reward),
-        "exhausted": run(
-            cli.model, os.path.join(cli.out, "exhausted"), constant_reward, max_steps=1, max_num_gen_batches=2
+    out = cli.out
+    runs = {
+        "signal": lambda: run(cli.model, os.path.join(out, "signal"), signal_reward),
+        "exhausted": lambda: run(
+            cli.model, os.path.join(out, "exhausted"), constant_reward, max_steps=1, max_num_gen_batches=2
         ),
-        "strict": run(
+        "strict": lambda: run(
             cli.model,
-            os.path.join(cli.out, "strict"),
+            os.path.join(out, "strict"),
             constant_reward,
             max_steps=1,
             max_num_gen_batches=2,
             dynamic_sampling_strict=True,
         ),
-        "resume": resume(cli.model, os.path.join(cli.out, "resume")),
+        "resume": lambda: resume(cli.model, os.path.join(out, "resume")),
     }
-    results["world_size"] = results["signal"]["world_size"]
-    rank = results["signal"]["rank"]
-    with open(os.path.join(cli.out, f"rank{rank}.json"), "w") as handle:
-        json.dump(results, handle, indent=1)
+    results, tensors = {}, {}
+    for name in cli.scenarios:
+        if name == "selective":
+            results[name], tensors[name] = selective(cli.model, os.path.join(out, name))
+        else:
+            results[name] = runs[name]()
+    results["world_size"] = world_size()
+    results["checks"] = {}  # everything is checked by the tests, from these files
+    return finish(Path(out), int(os.environ.get("RANK", "0")), results, tensors)
 
 
 if __name__ == "__main__":
-    main()
-    exit_process(0)
+    exit_process(main())
