@@ -22,6 +22,23 @@ def _ratio(log_prob: torch.Tensor, old_log_prob: torch.Tensor) -> torch.Tensor:
     return torch.exp(torch.clamp(log_ratio, -MAX_LOG_RATIO, MAX_LOG_RATIO))
 
 
+def _clip_metrics(is_low_clipped: torch.Tensor, is_high_clipped: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-token clip indicators, named as TRL's metrics."""
+    return {
+        "clip_ratio/low_mean": is_low_clipped.float(),
+        "clip_ratio/high_mean": is_high_clipped.float(),
+        "clip_ratio/region_mean": (is_low_clipped | is_high_clipped).float(),
+    }
+
+
+def _dual_clip(per_token_loss: torch.Tensor, advantages: torch.Tensor, dual_clip_c: float, metrics: dict):
+    """Dual clip (arXiv 1912.09729): for A < 0 the loss is at most -c A; records `clip_ratio/dual_mean`."""
+    pg_loss3 = -advantages * dual_clip_c
+    is_dual_clipped = (advantages < 0) & (per_token_loss > pg_loss3)
+    metrics["clip_ratio/dual_mean"] = is_dual_clipped.float()
+    return torch.where(is_dual_clipped, pg_loss3, per_token_loss)
+
+
 @POLICY_LOSSES.register("ppo_clip")
 def ppo_clip_loss(
     log_prob: torch.Tensor,
@@ -46,16 +63,9 @@ def ppo_clip_loss(
     per_token_loss = torch.maximum(pg_loss1, pg_loss2)
     is_low_clipped = (ratio < 1 - eps_low) & (advantages < 0)
     is_high_clipped = (ratio > 1 + eps_high) & (advantages > 0)
-    metrics = {
-        "clip_ratio/low_mean": is_low_clipped.float(),
-        "clip_ratio/high_mean": is_high_clipped.float(),
-        "clip_ratio/region_mean": (is_low_clipped | is_high_clipped).float(),
-    }
+    metrics = _clip_metrics(is_low_clipped, is_high_clipped)
     if dual_clip_c is not None:
-        pg_loss3 = -advantages * dual_clip_c
-        is_dual_clipped = (advantages < 0) & (per_token_loss > pg_loss3)
-        per_token_loss = torch.where(is_dual_clipped, pg_loss3, per_token_loss)
-        metrics["clip_ratio/dual_mean"] = is_dual_clipped.float()
+        per_token_loss = _dual_clip(per_token_loss, advantages, dual_clip_c, metrics)
     return per_token_loss, metrics
 
 
@@ -93,12 +103,8 @@ def aspo_loss(
     per_token_loss = torch.where(is_positive, pos_loss, neg_loss)
     is_low_clipped = (ratio < 1 - eps_low) & (advantages < 0)
     is_high_clipped = (ratio > 1 + eps_high) & is_positive
-    metrics = {
-        "clip_ratio/low_mean": is_low_clipped.float(),
-        "clip_ratio/high_mean": is_high_clipped.float(),
-        "clip_ratio/region_mean": (is_low_clipped | is_high_clipped).float(),
-        "clip_ratio/soft_dual_mean": (is_pos_soft_clipped | is_neg_soft_clipped).float(),
-    }
+    metrics = _clip_metrics(is_low_clipped, is_high_clipped)
+    metrics["clip_ratio/soft_dual_mean"] = (is_pos_soft_clipped | is_neg_soft_clipped).float()
     return per_token_loss, metrics
 
 
@@ -113,16 +119,9 @@ def _gradient_preserving_clip_loss(
     per_token_loss = -advantages * unclipped_ratio
     per_token_loss = torch.where(is_low_clipped, -beta_low * (1 - eps_low) * unit * advantages, per_token_loss)
     per_token_loss = torch.where(is_high_clipped, -beta_high * (1 + eps_high) * unit * advantages, per_token_loss)
-    metrics = {
-        "clip_ratio/low_mean": is_low_clipped.float(),
-        "clip_ratio/high_mean": is_high_clipped.float(),
-        "clip_ratio/region_mean": (is_low_clipped | is_high_clipped).float(),
-    }
+    metrics = _clip_metrics(is_low_clipped, is_high_clipped)
     if dual_clip_c is not None:
-        pg_loss3 = -advantages * dual_clip_c
-        is_dual_clipped = (advantages < 0) & (per_token_loss > pg_loss3)
-        per_token_loss = torch.where(is_dual_clipped, pg_loss3, per_token_loss)
-        metrics["clip_ratio/dual_mean"] = is_dual_clipped.float()
+        per_token_loss = _dual_clip(per_token_loss, advantages, dual_clip_c, metrics)
     return per_token_loss, metrics
 
 
