@@ -178,7 +178,7 @@ class SampleBudget(TrainerCallback):
         """Dynamic sampling: no more rounds in the next step than the remaining budget pays for."""
         if self.dynamic_sampling:
             affordable = (self.budget - self.samples) // self.generation_batch
-            self.trainer.args.max_num_gen_batches = max(1, min(self.max_rounds, affordable))
+            self.trainer._sampler.max_num_gen_batches = max(1, min(self.max_rounds, affordable))  # read per step
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._limit_rounds()
@@ -290,7 +290,9 @@ def zero_variance_share(log_history: list[dict]) -> float:
         shares = [entry["sampling/zero_variance_fraction"] for entry in entries]
         return sum(g * f for g, f in zip(groups, shares, strict=True)) / max(sum(groups), 1)
     key = "sampling/zero_variance_fraction" if entries and "sampling/zero_variance_fraction" in entries[0] else None
-    return statistics.fmean(entry[key or "frac_reward_zero_std"] for entry in entries) if entries else float("nan")
+    # A step without a generation (steps_per_generation > 1: ASPO) logs no reward statistics.
+    shares = [entry[key or "frac_reward_zero_std"] for entry in entries if (key or "frac_reward_zero_std") in entry]
+    return statistics.fmean(shares) if shares else float("nan")
 
 
 def multi_epoch_table(rows: list[dict], results: list[dict], reference: str = "trl_grpo") -> tuple[str, float]:
