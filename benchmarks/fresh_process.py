@@ -111,6 +111,26 @@ class PeakMemory:
         self.mib = (peak - self._baseline) / 2**20
 
 
+def train_measured(trainer_class, args, *, model_path: str, reward_funcs, dataset, peft_config, on_cuda: bool) -> dict:
+    """Build and train one trainer inside `PeakMemory`, without the console printer; returns the trainer, its peak
+    memory increase (MiB), its step times and the mean completion lengths it logged."""
+    import transformers
+
+    with PeakMemory(on_cuda) as memory:
+        trainer = trainer_class(
+            model=model_path, reward_funcs=reward_funcs, args=args, train_dataset=dataset, peft_config=peft_config
+        )
+        trainer.remove_callback(transformers.PrinterCallback)
+        trainer.train()
+    history = trainer.state.log_history
+    return {
+        "trainer": trainer,
+        "step_times": [entry["step_time"] for entry in history if "step_time" in entry],
+        "peak_mib": memory.mib,
+        "lengths": sorted({e["completions/mean_length"] for e in history if "completions/mean_length" in e}),
+    }
+
+
 def _read_status_kib(key: str) -> int:
     """A `/proc/self/status` field in KiB (`VmRSS`, `VmHWM`, ...)."""
     with open("/proc/self/status") as status:

@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 
-from fresh_process import PeakMemory, fork_server_context, quiet_run, run_in_fresh_process, steady_environment
+from fresh_process import fork_server_context, quiet_run, run_in_fresh_process, steady_environment, train_measured
 
 REQUIRED = ("torch", "transformers", "peft", "accelerate", "trl", "datasets")
 HEAVY_MODULES = ["torch", "transformers", "datasets", "peft", "trl", "trl_plus", "trl_plus.trainer.ppo"]
@@ -136,21 +136,18 @@ def run_once(name: str, options: dict) -> dict:
         **extra,
     )
     peft_config = LoraConfig(target_modules="all-linear", r=16, lora_alpha=32, task_type="CAUSAL_LM")
-    with PeakMemory(on_cuda) as memory:
-        trainer = trainer_class(
-            model=options["model_path"],
-            reward_funcs=completion_id_reward,
-            args=args,
-            train_dataset=dataset,
-            peft_config=peft_config,
-        )
-        trainer.remove_callback(transformers.PrinterCallback)
-        trainer.train()
-    history = trainer.state.log_history
+    run = train_measured(
+        trainer_class,
+        args,
+        model_path=options["model_path"],
+        reward_funcs=completion_id_reward,
+        dataset=dataset,
+        peft_config=peft_config,
+        on_cuda=on_cuda,
+    )
+    history = run.pop("trainer").state.log_history
     return {
-        "step_times": [entry["step_time"] for entry in history if "step_time" in entry],
-        "peak_mib": memory.mib,
-        "lengths": sorted({e["completions/mean_length"] for e in history if "completions/mean_length" in e}),
+        **run,
         "rounds": [e["dynamic_sampling/rounds"] for e in history if "dynamic_sampling/rounds" in e],
         "num_generations": args.num_generations,
     }

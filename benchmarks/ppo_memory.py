@@ -35,7 +35,7 @@ import statistics
 import tempfile
 import time
 
-from fresh_process import PeakMemory, fork_server_context, quiet_run, run_in_fresh_process, steady_environment
+from fresh_process import fork_server_context, quiet_run, run_in_fresh_process, steady_environment, train_measured
 
 HEAVY_MODULES = ["torch", "transformers", "datasets", "peft", "trl", "trl_plus", "trl_plus.trainer.ppo"]
 WARMUP_STEPS = 2
@@ -101,21 +101,18 @@ def run_once(name: str, options: dict) -> dict:
     args = config_class(**settings, **extra)
     peft_config = LoraConfig(target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16)
 
-    with PeakMemory(on_cuda) as memory:
-        trainer = trainer_class(
-            model=options["model_path"],
-            reward_funcs=digit_reward,
-            args=args,
-            train_dataset=dataset,
-            peft_config=peft_config,
-        )
-        trainer.remove_callback(transformers.PrinterCallback)
-        trainer.train()
-    history = trainer.state.log_history
+    run = train_measured(
+        trainer_class,
+        args,
+        model_path=options["model_path"],
+        reward_funcs=digit_reward,
+        dataset=dataset,
+        peft_config=peft_config,
+        on_cuda=on_cuda,
+    )
+    trainer = run.pop("trainer")
     return {
-        "step_times": [entry["step_time"] for entry in history if "step_time" in entry],
-        "peak_mib": memory.mib,
-        "lengths": sorted({e["completions/mean_length"] for e in history if "completions/mean_length" in e}),
+        **run,
         "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "total_params": sum(p.numel() for p in trainer.model.parameters()),
     }
