@@ -1,5 +1,7 @@
-"""Picklable reward functions for TRL trainers: DAPO overlong shaping, TTRL majority vote, process rewards."""
+"""Picklable reward functions for TRL trainers: DAPO overlong shaping, TTRL majority vote, process rewards, and
+AI-feedback (judge) rewards."""
 
+from .judge import JudgeReward
 from .majority_vote import (
     MajorityVoteReward,
     extract_answer,
@@ -13,6 +15,7 @@ from .overlong import OverlongPenalty, overlong_penalty
 from .process import ProcessReward
 
 __all__ = [
+    "JudgeReward",
     "MajorityVoteReward",
     "OverlongPenalty",
     "ProcessReward",
