@@ -11,15 +11,18 @@ from trl.trainer.utils import get_callable_name
 
 import trl_plus.rewards.majority_vote as majority_vote_module
 from trl_plus.rewards import (
+    GroupVote,
     MajorityVoteReward,
     OverlongPenalty,
     extract_answer,
+    fallback_extract_answer,
     majority_vote_labels,
     majority_vote_reward,
     math_equal,
     normalize_answer,
     normalized_equal,
     overlong_penalty,
+    vote_groups,
 )
 
 
@@ -142,8 +145,31 @@ def test_overlong_invalid_arguments(kwargs, field):
         ("", None),
     ],
 )
-def test_extract_answer(text, expected):
-    assert extract_answer(text) == expected
+def test_fallback_extract_answer(no_math_verify, text, expected):
+    assert extract_answer(text) == fallback_extract_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "math_verify_answer", "fallback_answer"),
+    [
+        # Where the engines agree.
+        (r"The answer is \boxed{42}.", "42", "42"),
+        (r"so \boxed{\frac{1}{\sqrt{2}}} it is", r"\frac{1}{\sqrt{2}}", r"\frac{1}{\sqrt{2}}"),
+        (r"\boxed{7}; check: 3 + 4 = 7.5", "7", "7"),
+        ("a loss of -1,250.5", "-1250.5", "-1250.5"),
+        ("no digits at all", None, None),
+        # Where they differ: math_verify reads several boxes as a set, an expression as a whole, an answer phrase
+        # before a later number, and writes decimals with their leading zero.
+        (r"first \boxed{1}, finally \boxed{ 2 }", "1,2", "2"),
+        ("10-3", "10-3", "3"),
+        ("The answer is 7. I am not sure, maybe 8", "7", "8"),
+        ("about .5 of it", "0.5", ".5"),
+    ],
+)
+def test_math_verify_extraction_and_where_it_differs(text, math_verify_answer, fallback_answer):
+    pytest.importorskip("math_verify")
+    assert extract_answer(text) == math_verify_answer
+    assert fallback_extract_answer(text) == fallback_answer
 
 
 @pytest.mark.parametrize(
@@ -366,7 +392,7 @@ def test_split_group_matches_unsplit(no_math_verify):
 def test_log_metric_label_accuracy_and_majority_ratio(no_math_verify):
     # Group A: votes 4, 4, 4, 5 -> label 4, majority ratio 3/4; ground truth "4" -> label correct.
     # Group B: votes 1, 2, 2, None -> label 2, majority ratio 2/4; ground truth "1" -> label wrong.
-    # label_accuracy = 1/2; majority_ratio = (0.75 + 0.5) / 2 = 0.625.
+    # label_accuracy = 1/2; majority_ratio = (0.75 + 0.5) / 2 = 0.625; no group's top answers tie.
     prompts = ["A"] * 4 + ["B"] * 4
     completions = ["4", "4", "4", "5", "1", "2", "2", "?"]
     logged = []
@@ -377,8 +403,10 @@ def test_log_metric_label_accuracy_and_majority_ratio(no_math_verify):
         log_metric=lambda name, value: logged.append((name, value)),
     )
     assert rewards == [1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0]
-    assert dict(logged) == pytest.approx({"ttrl/majority_ratio": 0.625, "ttrl/label_accuracy": 0.5})
-    assert len(logged) == 2
+    assert dict(logged) == pytest.approx(
+        {"ttrl/majority_ratio": 0.625, "ttrl/label_accuracy": 0.5, "ttrl/tied_groups": 0.0}
+    )
+    assert len(logged) == 3
     # The reward never reads the labels: other (wrong) labels, or none, give the same rewards.
     for columns in ({"label": ["0"] * 8}, {}):
         assert majority_vote_reward(prompts=prompts, completions=completions, **columns) == rewards
@@ -397,11 +425,13 @@ def test_log_metric_reads_solution_and_answer_columns(no_math_verify):
         majority_vote_reward(
             prompts=prompts, completions=completions, log_metric=logged.__setitem__, trainer_state=None, **columns
         )
-        assert logged == pytest.approx({"ttrl/majority_ratio": 0.75, "ttrl/label_accuracy": accuracy})
+        assert logged == pytest.approx(
+            {"ttrl/majority_ratio": 0.75, "ttrl/label_accuracy": accuracy, "ttrl/tied_groups": 0.5}  # B ties
+        )
     # Without a ground-truth column only the majority ratio is logged.
     logged = {}
     majority_vote_reward(prompts=prompts, completions=completions, log_metric=logged.__setitem__)
-    assert logged == pytest.approx({"ttrl/majority_ratio": 0.75})
+    assert logged == pytest.approx({"ttrl/majority_ratio": 0.75, "ttrl/tied_groups": 0.5})
 
 
 def test_split_metrics_are_global_on_every_process(no_math_verify):
@@ -410,7 +440,8 @@ def test_split_metrics_are_global_on_every_process(no_math_verify):
     label = ["1"] * 4 + ["7"] * 4 + ["6"] * 4
     _, metrics, _ = _run_split(lambda gather: MajorityVoteReward(gather_fn=gather), label=label)
     for logged in metrics:
-        assert dict(logged) == pytest.approx({"ttrl/majority_ratio": 7 / 12, "ttrl/label_accuracy": 2 / 3})
+        expected = {"ttrl/majority_ratio": 7 / 12, "ttrl/label_accuracy": 2 / 3, "ttrl/tied_groups": 0.0}
+        assert dict(logged) == pytest.approx(expected)
 
 
 def test_majority_vote_reward_invalid_arguments():
@@ -420,3 +451,66 @@ def test_majority_vote_reward_invalid_arguments():
         majority_vote_reward(prompts=["q"], completions=["1", "2"])
     with pytest.raises(ValueError, match="positions are per-process"):
         MajorityVoteReward(group_size=2, gather_fn=lambda x: x)(completions=["1", "2"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Equivalent votes, the tie rule and extra votes (TTRL's vote/train split)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_equivalent_votes_count_together_with_math_verify():
+    pytest.importorskip("math_verify")
+    # math_verify: "10-3" is the expression 7, so "10-3" and "7" are one class of 2 votes against "3": label "10-3".
+    assert majority_vote_reward(prompts=["q"] * 3, completions=["10-3", "7", "3"]) == [1.0, 1.0, 0.0]
+    # "1+x" and "x+1" are one class of 2 against "5"; the class is named by its first vote.
+    assert majority_vote_reward(prompts=["q"] * 3, completions=[r"\boxed{1+x}", r"\boxed{x+1}", "5"]) == [1, 1, 0]
+    votes = vote_groups(["1+x", "x+1", "5"], [0, 0, 0], equivalent=math_equal)
+    assert votes[0] == GroupVote("1+x", {"1+x": "1+x", "x+1": "1+x", "5": "5"}, tied=False, majority_ratio=2 / 3)
+
+
+def test_equivalent_votes_fallback_differs(no_math_verify):
+    # The fallback reads the last number of "10-3" (3): votes 3, 7, 3 -> label "3".
+    assert majority_vote_reward(prompts=["q"] * 3, completions=["10-3", "7", "3"]) == [1.0, 0.0, 1.0]
+    # "1+x", "x+1", "5" are three different strings: a three-way tie, the first ("1+x") wins.
+    assert majority_vote_reward(prompts=["q"] * 3, completions=[r"\boxed{1+x}", r"\boxed{x+1}", "5"]) == [1, 0, 0]
+
+
+def test_ties_none_gives_no_label_and_no_reward(no_math_verify):
+    # Group A: 3, 5, 5, 3 -> tie: no label, every reward None.  Group B: 4, 4, 6, None -> label 4.
+    # Group C: no answer at all -> no label, no tie: 0.0 as before.
+    prompts = ["A"] * 4 + ["B"] * 4 + ["C"] * 2
+    completions = ["3", "5", "5", "3", "4", "4", "6", "?", "?", "?"]
+    logged = {}
+    reward = MajorityVoteReward(ties="none")
+    rewards = reward(prompts=prompts, completions=completions, log_metric=logged.__setitem__, label=["3"] * 10)
+    assert rewards == [None] * 4 + [1.0, 1.0, 0.0, 0.0] + [0.0, 0.0]
+    # majority ratios: A 2/4, B 2/4, C 0/2 -> 1/3; tied groups: A -> 1/3; label accuracy vs "3": A has no label
+    # (wrong), B's 4 is wrong, C has none -> 0.
+    assert logged == pytest.approx({"ttrl/majority_ratio": 1 / 3, "ttrl/tied_groups": 1 / 3, "ttrl/label_accuracy": 0})
+    # The default rule gives A's label to its first answer, 3.
+    assert MajorityVoteReward()(prompts=prompts, completions=completions)[:4] == [1.0, 0.0, 0.0, 1.0]
+    assert majority_vote_labels(["3", "5", "5", "3"], [0] * 4, ties="none") == [None] * 4
+    with pytest.raises(ValueError, match="`ties` is 'random'; valid: 'first', 'none'"):
+        MajorityVoteReward(ties="random")
+
+
+def test_extra_votes_decide_the_label_but_get_no_reward(no_math_verify):
+    # Trained: 1, 2 (a tie alone: "1" first).  Extra votes of row 0: 2, 2; of row 1: 3.
+    # All five votes: 1, 2, 2, 2, 3 -> label 2 (3 of 5): rewards of the trained rows 0, 1.
+    logged = {}
+    rewards = majority_vote_reward(
+        prompts=["q", "q"], completions=["1", "2"], ttrl_votes=[["2", "2"], ["3"]], log_metric=logged.__setitem__
+    )
+    assert rewards == [0.0, 1.0]
+    assert logged == pytest.approx({"ttrl/majority_ratio": 3 / 5, "ttrl/tied_groups": 0.0})
+    assert majority_vote_reward(prompts=["q", "q"], completions=["1", "2"]) == [1.0, 0.0]
+    with pytest.raises(ValueError, match="1 rows of ttrl_votes for 2 completions"):
+        majority_vote_reward(prompts=["q", "q"], completions=["1", "2"], ttrl_votes=[["2"]])
+
+
+def test_extra_votes_are_gathered_across_processes(no_math_verify):
+    # Group B straddles the processes (SPLIT_*: 7, 8 | 9, 8 -> label 8). Extra votes for B's rows on process 1 only:
+    # 9, 9, 9 -> votes 7, 8, 9, 8, 9, 9, 9 -> label 9, which process 0 must see too.
+    extra = [[]] * 6 + [["9", "9"], ["9"]] + [[]] * 4
+    rewards, _, _ = _run_split(lambda gather: MajorityVoteReward(gather_fn=gather), ttrl_votes=extra)
+    assert rewards[0] + rewards[1] == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0]
