@@ -316,6 +316,35 @@ def test_generate_returns_completion_ids_and_tool_mask_third(tiny_model_path, pr
     assert mean_length == pytest.approx(sum(map(len, completion_ids)) / 8)
 
 
+def test_generate_returns_decoded_completions_fourth(tiny_model_path, prompt_dataset, tmp_path):
+    # TTRL's vote-only completions (`ttrl_num_votes`) are `_generate`'s 4th item: one decoded text per row, in the
+    # rows' order (strings for text prompts), the decoding of the 2nd item.
+    trainer = _trl_trainer(tiny_model_path, prompt_dataset, tmp_path)
+    prompts = [row["prompt"] for row in _generation_batch(trainer)]
+    generated = trainer._generate(prompts)
+    completion_ids, completions = generated[1], generated[3]
+    assert completions == trainer.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+    assert len(completions) == len(prompts) and all(isinstance(text, str) for text in completions)
+
+
+def test_calculate_rewards_passes_input_columns_as_keywords(tiny_model_path, prompt_dataset, tmp_path):
+    # TTRL's vote-only completions reach the reward functions as an input column (`ttrl_votes`): TRL passes every
+    # input key but prompt / completion / completion_ids as a keyword list, one value per row.
+    seen = {}
+
+    def recording_reward(completions, **kwargs):
+        seen.update(kwargs)
+        return [0.0] * len(completions)
+
+    args = make_config(trl.GRPOConfig, tmp_path)
+    trainer = trl.GRPOTrainer(tiny_model_path, reward_funcs=recording_reward, args=args, train_dataset=prompt_dataset)
+    inputs = [{**row, "ttrl_votes": [f"vote {index}"]} for index, row in enumerate(_generation_batch(trainer))]
+    prompts = [row["prompt"] for row in inputs]
+    trainer._calculate_rewards(inputs, prompts, ["1"] * len(inputs), [[4]] * len(inputs))
+    assert seen["ttrl_votes"] == [[f"vote {index}"] for index in range(len(inputs))]
+    assert seen["prompts"] == prompts
+
+
 def test_calculate_rewards_shape_and_unscorable_nan(tiny_model_path, prompt_dataset, tmp_path):
     trainer = _trl_trainer(tiny_model_path, prompt_dataset, tmp_path)
     trainer.model.train()

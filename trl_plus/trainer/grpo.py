@@ -51,6 +51,7 @@ from ..sampling import (
     greedy_rows_in_generate,
     greedy_rows_in_vllm_colocate,
 )
+from ..sampling.votes import ExtraVotes, check_num_votes
 from .checkpoints import read_file, read_json, read_sections, read_torch, reading, section_states
 from .entropy_bonus import apply_entropy_bonus
 from .field_types import check_field_types
@@ -276,6 +277,15 @@ class GRPOConfig(trl.GRPOConfig):
         default=0.5,
         metadata={"help": "Selective rollout: the initial exploration probability p of both kinds of prompts."},
     )
+    ttrl_num_votes: int | None = field(
+        default=None,
+        metadata={
+            "help": "TTRL's vote/train split (arXiv 2504.16084: 64 votes, 32 trained): completions per prompt that "
+            "vote on `trl_plus.rewards.MajorityVoteReward`'s pseudo-label. The first num_generations are trained on "
+            "and the rest are generated only to vote (counted in generation/completions); a multiple of "
+            "num_generations. None (default): the vote is over the trained completions."
+        },
+    )
     max_consecutive_nonfinite_steps: int = field(
         default=3,
         metadata={
@@ -334,6 +344,13 @@ class GRPOConfig(trl.GRPOConfig):
             raise ValueError(
                 f"`selective_rollout` is True with `num_generations` {self.num_generations}; valid: num_generations "
                 ">= 2, since it skips prompts whose groups had equal rewards and a group of one always has."
+            )
+        if self.ttrl_num_votes is not None and self.num_generations is not None:
+            check_num_votes(self.ttrl_num_votes, self.num_generations)
+        if self.ttrl_num_votes is not None and self.advantage_estimator == "remax":
+            raise ValueError(
+                "`ttrl_num_votes` with advantage_estimator='remax': the greedy baseline is the last row of each "
+                "generate call, and the vote-only calls would decode greedy rows too. Valid: another estimator."
             )
         if self.max_consecutive_nonfinite_steps < 1:
             raise ValueError(
@@ -516,6 +533,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         for func in self.reward_funcs:
             if isinstance(func, MajorityVoteReward) and func.gather_fn is None:
                 func.gather_fn = gather_object  # TTRL votes over whole groups, which can straddle processes
+        self._extra_votes = self._make_extra_votes(args)
         # A reward function's bad output is named at its source instead of failing deep in TRL's tensor conversion.
         self.reward_funcs = [
             func if isinstance(func, nn.Module) else checked_reward_func(func, name)
@@ -540,6 +558,19 @@ class GRPOTrainer(trl.GRPOTrainer):
             "ce_gppo_beta_high": args.ce_gppo_beta_high,
             "delta": args.delta,
         }
+
+    def _make_extra_votes(self, args: GRPOConfig) -> ExtraVotes | None:
+        """TTRL's vote-only completions (`ttrl_num_votes`), or None when the vote is over the trained ones."""
+        if args.ttrl_num_votes is None:
+            return None
+        if not any(isinstance(func, MajorityVoteReward) for func in self.reward_funcs):
+            raise ValueError(
+                f"`ttrl_num_votes` is {args.ttrl_num_votes}, but no reward function reads the vote-only completions: "
+                "add trl_plus.rewards.MajorityVoteReward to reward_funcs, or unset ttrl_num_votes."
+            )
+        if self.tools:
+            raise ValueError("`ttrl_num_votes` does not support tool calling: vote-only completions would run tools.")
+        return ExtraVotes(args.ttrl_num_votes, self.num_generations)
 
     @staticmethod
     def _check_datasets(args: GRPOConfig, train_dataset, eval_dataset, has_environment: bool) -> None:
@@ -589,6 +620,8 @@ class GRPOTrainer(trl.GRPOTrainer):
 
     # ------------------------------------------------------------------ advantages
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        if self._extra_votes is not None and self.model.training:
+            inputs = self._extra_votes.attach(inputs)  # TRL passes every input column to the reward functions
         # TRL returns the rewards of every process; keep them for estimators that need whole groups.
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         rewards_per_func, num_infinite = unscore_non_finite(rewards_per_func)
@@ -848,8 +881,17 @@ class GRPOTrainer(trl.GRPOTrainer):
     # ------------------------------------------------------------------ generation accounting
     def _generate(self, prompts: list):
         """TRL's generation, counting every completion and completion token generated for training, over all
-        processes (the one reduce runs on every process for every generate call)."""
-        generated = super()._generate(prompts)
+        processes (the one reduce runs on every process for every generate call). With `ttrl_num_votes`, the same
+        prompts are generated again for the vote-only completions (the same calls on every process)."""
+        generated = self._counted(super()._generate(prompts))
+        if self._extra_votes is not None and self.model.training:
+            rounds = []
+            for _ in range(self._extra_votes.extra_rounds):
+                rounds.append(self._counted(super()._generate(prompts))[3])  # the decoded completions
+            self._extra_votes.collect(rounds)
+        return generated
+
+    def _counted(self, generated: tuple) -> tuple:
         if self.model.training:
             _, completion_ids, tool_mask = generated[:3]
             num_tokens = [sum(mask) for mask in tool_mask] if tool_mask is not None else map(len, completion_ids)
