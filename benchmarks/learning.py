@@ -19,6 +19,11 @@ completions of at most 6 tokens, learning rate 1e-3 constant). Each algorithm ke
   as its config recommends: ASPO reweights off-policy tokens); `remax` decodes 1 greedy baseline per group of 8.
 - `ppo`, `vapo`: a full critic initialized from the policy's checkpoint (no PEFT); their configs keep their own
   `num_generations` (PPO 1, VAPO 4), so they see more prompts for the same samples.
+- `ttrl`: TTRL (arXiv 2504.16084), GRPO trained without labels: a completion is rewarded when it is the majority
+  answer of 16 completions of its prompt (`ttrl_num_votes=16`), 8 of which are trained on, and a tie gives no label
+  (`MajorityVoteReward(ties="none")`). The 8 vote-only completions per prompt count in the budget, so it makes half
+  the optimizer steps. `ttrl_vote8` (outside the default set): the vote over the 8 trained completions only, a tie
+  to the first answer, as TTRL ran before the vote/train split.
 
 Budget. Runs are compared at the same number of generated completions, not steps: a callback counts every
 completion the trainer generates (its `_generate` calls: DAPO's extra dynamic-sampling rounds, its dropped groups
@@ -41,6 +46,7 @@ import argparse
 import datetime
 import logging
 import multiprocessing
+import operator
 import os
 import platform
 import statistics
@@ -74,6 +80,9 @@ class Spec:
     trainer: str
     config: str
     overrides: dict = field(default_factory=dict)
+    # TTRL (arXiv 2504.16084): train without labels on the majority vote, with this tie rule ("first" or "none");
+    # None: the demo's exact-match reward.
+    ttrl_ties: str | None = None
 
     @property
     def label(self) -> str:
@@ -92,11 +101,15 @@ SPECS = [
     Spec("reinforce_pp", "trl_plus", "ReinforcePPTrainer", "ReinforcePPConfig"),
     Spec("ppo", "trl_plus", "PPOTrainer", "PPOConfig", {"num_generations": KEEP_DEFAULT}),
     Spec("vapo", "trl_plus", "VAPOTrainer", "VAPOConfig", {"num_generations": KEEP_DEFAULT}),
+    # TTRL as its paper runs it: 16 votes per prompt, 8 of them trained on; a tie gives no label (no reward).
+    Spec("ttrl", "trl_plus", "GRPOTrainer", "GRPOConfig", {"ttrl_num_votes": 2 * NUM_GENERATIONS}, ttrl_ties="none"),
 ]
 DEFAULT_ALGOS = [spec.name for spec in SPECS]
 SPECS += [  # GRESO selective rollout (arXiv 2506.02177), measured in the multi-epoch setting
     Spec("dapo_sr", "trl_plus", "DAPOTrainer", "DAPOConfig", {"selective_rollout": True}),
     Spec("grpo_sr", "trl_plus", "GRPOTrainer", "GRPOConfig", {"selective_rollout": True}),
+    # TTRL before the vote/train split: the vote is over the 8 trained completions, a tie goes to the first answer.
+    Spec("ttrl_vote8", "trl_plus", "GRPOTrainer", "GRPOConfig", ttrl_ties="first"),
 ]
 SPECS_BY_NAME = {spec.name: spec for spec in SPECS}
 # The multi-epoch setting: a pool of 128 training prompts, each seen about 20 times in the budget (8 samples per
@@ -207,6 +220,7 @@ def run_one(job: dict) -> dict:
     from transformers import AutoTokenizer, PrinterCallback, ProgressCallback
 
     from trl_plus.demo import ANSWER_LENGTH, exact_match_reward, reverse_task
+    from trl_plus.rewards import MajorityVoteReward
 
     spec = SPECS_BY_NAME[job["algo"]]
     trainer_class, config_class = resolve(spec)
@@ -239,9 +253,12 @@ def run_one(job: dict) -> dict:
     train = train[: job["pool"]] if job.get("pool") else train
     dataset = Dataset.from_dict({"prompt": [prompt for prompt, _ in train], "answer": [answer for _, answer in train]})
     started = time.perf_counter()
+    reward = exact_match_reward
+    if spec.ttrl_ties is not None:  # the `answer` column is read only by the ttrl/label_accuracy metric
+        reward = MajorityVoteReward(extractor=_whole_completion, equivalent=operator.eq, ties=spec.ttrl_ties)
     trainer = trainer_class(
         model=job["model_path"],  # a path: algorithms with beta > 0 rebuild the reference model from it
-        reward_funcs=exact_match_reward,
+        reward_funcs=reward,
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
@@ -274,7 +291,23 @@ def run_one(job: dict) -> dict:
         "seconds": time.perf_counter() - started,
         "rounds": statistics.fmean(rounds) if rounds else None,
         "value_pretraining": pretraining if pretraining["steps"] is not None else None,
+        "ttrl": {metric: _mean_logged(trainer.state.log_history, f"ttrl/{metric}") for metric in TTRL_METRICS}
+        if spec.ttrl_ties is not None
+        else None,
     }
+
+
+TTRL_METRICS = ("label_accuracy", "tied_groups", "majority_ratio")
+
+
+def _whole_completion(text: str) -> str | None:
+    """TTRL's answer on the demo task: the whole completion, stripped (the reward compares it whole, too)."""
+    return text.strip() or None
+
+
+def _mean_logged(log_history: list[dict], metric: str) -> float:
+    values = [entry[metric] for entry in log_history if metric in entry]
+    return statistics.fmean(values) if values else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -563,6 +596,15 @@ def main(argv: list[str] | None = None) -> None:
                 "then, mean of the readiness window) per seed: "
                 + ", ".join(f"seed {run['seed']} {_pretraining_text(run['value_pretraining'])}" for run in runs)
                 + "."
+            )
+    for algo in algos:
+        runs = [run for run in results if run["algo"] == algo and run.get("ttrl")]
+        if runs:
+            means = {metric: statistics.fmean(run["ttrl"][metric] for run in runs) for metric in TTRL_METRICS}
+            notes.append(
+                f"{algo}: the majority label was the right answer for {means['label_accuracy']:.1%} of the groups "
+                f"(a group without a label counts as wrong), the top answers tied in {means['tied_groups']:.1%}, and "
+                f"the label held {means['majority_ratio']:.1%} of a group's votes (means over steps and seeds)."
             )
     for row in rows:
         if row["gain"] < 0:

@@ -240,12 +240,13 @@ class JudgeReward:
     # -----------------------------------------------------------------------------------------------------------------
 
     def _load(self):
-        """The judge model and tokenizer on `device`, loaded on first use."""
+        """The judge model and tokenizer on `device`, loaded on first use. A judge given as a model is used in the
+        mode it is in (`from_pretrained` gives eval mode): it may be the policy itself, whose mode the trainer owns."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if self._model is None:
-            self._model = AutoModelForCausalLM.from_pretrained(self.judge, **self.model_kwargs)
+            self._model = AutoModelForCausalLM.from_pretrained(self.judge, **self.model_kwargs).eval()
         if self._tokenizer is None:
             source = self.judge if isinstance(self.judge, str) else self._model.name_or_path
             self._tokenizer = AutoTokenizer.from_pretrained(source)
@@ -257,7 +258,6 @@ class JudgeReward:
             device = torch.device(self.device)
         if self._model.device != device:
             self._model.to(device)
-        self._model.eval()
         return self._model, self._tokenizer
 
     def _judge_inputs(self, tokenizer, texts: list[str]) -> list[list[int]]:

@@ -43,15 +43,16 @@ from ..algos.process_rewards import process_advantages
 from ..rewards import MajorityVoteReward, OverlongPenalty, ProcessReward
 from ..rewards.checks import checked_reward_func, unscore_non_finite
 from ..sampling import (
+    ExtraVotes,
     GenerationCounter,
     Sampler,
     SelectiveRollout,
+    check_num_votes,
     greedy_last_in_vllm_server,
     greedy_row_mask,
     greedy_rows_in_generate,
     greedy_rows_in_vllm_colocate,
 )
-from ..sampling.votes import ExtraVotes, check_num_votes
 from .checkpoints import read_file, read_json, read_sections, read_torch, reading, section_states
 from .entropy_bonus import apply_entropy_bonus
 from .field_types import check_field_types
