@@ -149,3 +149,18 @@ def test_both_processes_hold_the_same_reduced_results(runs):
             first, second = rank0["results"][config][layout], rank1["results"][config][layout]
             assert torch.equal(first["advantages"], second["advantages"])
             assert torch.equal(first["grad"], second["grad"])
+
+
+TTRL_SCRIPT = Path(__file__).parent / "distributed" / "check_ttrl.py"
+
+
+def test_ttrl_vote_only_completions_are_gathered_across_processes(tiny_model_path, tmp_path):
+    # check_ttrl.py: 3 groups of 4 trained rows plus 8 vote-only completions each; group q1 straddles the processes
+    # and its label (y) needs the other process's votes. Each run checks the gathered rewards against the vote
+    # counted by hand and the 36 generated completions; here both runs must agree and really be 1 and 2 processes.
+    results = run_one_and_two_processes(TTRL_SCRIPT, tiny_model_path, tmp_path)
+    assert [summary["num_processes"] for summary, _ in results["single"] + results["two"]] == [1, 2, 2]
+    expected = torch.tensor([0, 0, 1, 0, 0, 1, 1, 0, 1, 0, 1, 0], dtype=torch.float)  # labels b, y, m
+    for summary, tensors in results["single"] + results["two"]:
+        assert summary["failures"] == []
+        assert_close(tensors["rewards"], expected)

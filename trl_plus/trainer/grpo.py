@@ -569,8 +569,10 @@ class GRPOTrainer(trl.GRPOTrainer):
                 f"`ttrl_num_votes` is {args.ttrl_num_votes}, but no reward function reads the vote-only completions: "
                 "add trl_plus.rewards.MajorityVoteReward to reward_funcs, or unset ttrl_num_votes."
             )
-        if self.tools:
-            raise ValueError("`ttrl_num_votes` does not support tool calling: vote-only completions would run tools.")
+        if self.tools or self.environment_factories is not None:
+            raise ValueError(
+                "`ttrl_num_votes` does not support tools or environments: vote-only completions would run them."
+            )
         return ExtraVotes(args.ttrl_num_votes, self.num_generations)
 
     @staticmethod
