@@ -5,10 +5,10 @@ r"""Reward functions by name, for `--reward_funcs` of `trl-plus <algorithm>` and
 - TRL's: `accuracy_reward` and `reasoning_accuracy_reward` (math answers against the `solution` column; they need
   `pip install math-verify`), `think_format_reward` (`<think>...</think>` format) and `get_soft_overlong_punishment`
   (DAPO's length penalty with L_max = `max_completion_length` and L_cache = L_max / 5, TRL's script's ratio).
-- trl_plus's: `answer_match_reward` (the final answer, `\boxed{}` or last number, against the `solution` or `answer`
-  column, GSM8K's `#### 42` included; works without math-verify) and `majority_vote_reward` (TTRL: the group's
-  majority answer is the label, no ground truth read). DAPO's overlong shaping is a config field instead:
-  `--overlong_buffer_len` (and `--overlong_penalty_factor`).
+- trl_plus's: `answer_match_reward` (the final answer, by math-verify when installed, else the last `\boxed{}` or
+  number, against the `solution` or `answer` column, GSM8K's `#### 42` included; works without math-verify) and
+  `majority_vote_reward` (TTRL: the group's majority answer is the label, no ground truth read). DAPO's overlong
+  shaping is a config field instead: `--overlong_buffer_len` (and `--overlong_penalty_factor`).
 
 Any other name with a dot is imported: `--reward_funcs my_lib.rewards.my_reward`.
 """
@@ -29,8 +29,9 @@ ANSWER_COLUMNS = ("solution", "answer")
 class AnswerMatchReward:
     r"""1.0 when a completion's final answer equals the reference answer, else 0.0.
 
-    The final answer of a text is its last `\boxed{}` content or else its last number (`trl_plus.rewards.
-    extract_answer`, which also reads GSM8K's `#### 42`); a text with neither is compared whole, stripped. The
+    The final answer of a text is `trl_plus.rewards.extract_answer`'s (math-verify's extraction when it is installed,
+    else the last `\boxed{}` content or the last number; both read GSM8K's `#### 42`); a text without one is compared
+    whole, stripped. The
     reference is the `solution` column, else `answer`. Answers are compared with `trl_plus.rewards.math_equal`.
 
     >>> answer_match_reward(completions=["so it is \\boxed{12}", "13", "cba"], solution=["#### 12", "12", "cba"])
