@@ -244,7 +244,7 @@ def test_attributes_set_in_init(tiny_model_path, prompt_dataset, tmp_path):
     assert trainer._name == "GRPO"
     assert trainer.reward_func_names == ["digit_reward", "length_reward"]  # parallel to `reward_funcs`
     assert callable(trainer._get_dataloader)
-    assert trainer.environment_factories is None and trainer.tools is None  # ttrl_num_votes refuses either
+    assert trainer.environment_factories is None and trainer.tools == []  # ttrl_num_votes refuses either
 
     trainer_without_kl = _trl_trainer(tiny_model_path, prompt_dataset, tmp_path / "no-kl")
     assert trainer_without_kl.ref_model is None
