@@ -284,7 +284,8 @@ class GRPOConfig(trl.GRPOConfig):
             "help": "TTRL's vote/train split (arXiv 2504.16084: 64 votes, 32 trained): completions per prompt that "
             "vote on `trl_plus.rewards.MajorityVoteReward`'s pseudo-label. The first num_generations are trained on "
             "and the rest are generated only to vote (counted in generation/completions); a multiple of "
-            "num_generations. None (default): the vote is over the trained completions."
+            "num_generations. TRL's completions/* length metrics then average over the vote-only completions "
+            "too (each generate call logs them). None (default): the vote is over the trained completions."
         },
     )
     max_consecutive_nonfinite_steps: int = field(
