@@ -132,11 +132,14 @@ def test_pickle_round_trip_reloads_path_judge(tiny_model_path):
         (dict(max_retries=-1), "`max_retries` is -1; valid: an int >= 0"),
         (dict(timeout=0), "`timeout` is 0; valid"),
         (dict(backoff=float("nan")), "`backoff` is nan; valid"),
+        (dict(parser="first number"), "`parser` is 'first number'; valid: a callable"),
+        (dict(judge=None), "`judge` is a NoneType; valid: a model path"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, message):
-    with pytest.raises(ValueError, match=message.replace("{", r"\{").replace("}", r"\}").replace("'", "'")):
-        JudgeReward("http://127.0.0.1:1/v1", **kwargs)
+    kwargs = {"judge": "http://127.0.0.1:1/v1", **kwargs}
+    with pytest.raises(ValueError, match=message.replace("{", r"\{").replace("}", r"\}")):
+        JudgeReward(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

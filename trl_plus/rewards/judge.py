@@ -140,6 +140,13 @@ class JudgeReward:
         top_logprobs: int = 20,
         on_malformed: str = "none",
     ):
+        if not isinstance(judge, str) and not callable(getattr(judge, "forward", None)):
+            raise ValueError(
+                f"`judge` is a {type(judge).__name__}; valid: a model path or Hub id, an http(s):// API root, or a "
+                "loaded causal LM."
+            )
+        if not callable(parser):
+            raise ValueError(f"`parser` is {parser!r}; valid: a callable from the reply text to a float or None.")
         if mode not in MODES:
             raise _choice_error("mode", mode, MODES)
         if api not in API_PATHS:
