@@ -8,11 +8,12 @@ import json
 import math
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
-from conftest import make_config
+from conftest import make_config, requires_gloo, run_one_and_two_processes
 from datasets import Dataset
 from peft import PeftModel
 from test_ppo import LETTERS, letter_reward, lora, rollout
@@ -25,6 +26,7 @@ from trl_plus.trainer.checkpoints import MissingCheckpointFileError, UnreadableC
 from trl_plus.trainer.ppo import PPO_STATE_FILE, VALUE_MODEL, PPOConfig, PPOTrainer
 from trl_plus.trainer.ptx import PtxStream, lm_nll_sum
 
+PTX_CHECK_SCRIPT = Path(__file__).parent / "distributed" / "check_ptx.py"
 PTX_TEXTS = [f"{letter * (1 + i % 5)} {i}" for i, letter in enumerate(LETTERS * 8)]  # 64 texts of varied length
 
 
@@ -338,3 +340,18 @@ def test_ptx_trains_logs_and_resumes_the_streams_position(tiny_model_path, datas
     again = rlhf_trainer(tiny_model_path, letter_reward, None, dataset, tmp_path / "c", ptx_dataset=texts, **settings)
     with pytest.raises(UnreadableCheckpointFileError, match=r"expected \[[^]]*'ptx'"):
         again.train(resume_from_checkpoint=str(checkpoint))
+
+
+@requires_gloo
+def test_two_process_ptx_streams_are_disjoint_shards_of_the_one_process_stream(tiny_model_path, tmp_path):
+    runs = run_one_and_two_processes(PTX_CHECK_SCRIPT, tiny_model_path, tmp_path)
+    ((single, _),) = runs["single"]
+    (rank0, weights0), (rank1, weights1) = runs["two"]
+    assert len(single["texts"]) == len(rank0["texts"]) == len(rank1["texts"]) == 2  # one micro-batch per step
+    for step, texts in enumerate(single["texts"]):
+        assert len(texts) == 6 and len(rank0["texts"][step]) == len(rank1["texts"][step]) == 3
+        assert not set(rank0["texts"][step]) & set(rank1["texts"][step])
+        assert rank0["texts"][step] + rank1["texts"][step] == texts  # the same global batch, split by rank
+    assert rank0["ptx_loss"] == pytest.approx(rank1["ptx_loss"]) and len(rank0["ptx_loss"]) == 2
+    for name, tensor in weights0.items():  # DDP reduced the ptx gradients with the PPO ones: one model
+        torch.testing.assert_close(weights1[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
