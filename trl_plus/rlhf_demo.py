@@ -1,6 +1,6 @@
 """`trl-plus demo --rlhf`: classic RLHF end to end on CPU in a few minutes, with no downloads.
 
-    trl-plus demo --rlhf [--ppo-steps 60] [--reward-steps 150] [--ptx-coef 0.0] [--seed 0] [--output-dir DIR]
+    trl-plus demo --rlhf [--ppo-steps 60] [--reward-steps 150] [--ptx-coef 0.0] [--beta 0.05] [--seed 0]
 
 The InstructGPT pipeline (arXiv 2203.02155) on a toy preference task built here:
 
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from datasets import Dataset
 from peft import LoraConfig
-from transformers import AutoModelForSequenceClassification, PreTrainedModel, ProgressCallback
+from transformers import AutoModelForSequenceClassification, PreTrainedModel, PrinterCallback, ProgressCallback
 from trl import RewardConfig, RewardTrainer
 
 from .demo import _demo_environment
@@ -159,6 +159,7 @@ def train_reward_model(policy_path: str, tokenizer, pairs: dict, output_dir: str
     # Tokenized as PPO will score: prompt + completion, no eos (RewardTrainer would append one).
     dataset = pairs_tokenized_as_ppo_scores(Dataset.from_dict(pairs), tokenizer)
     trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer.remove_callback(PrinterCallback)  # one printed dict per logged step otherwise
     trainer.train()
     trainer.save_model(output_dir)
     return output_dir
@@ -179,7 +180,9 @@ def pairwise_accuracy(reward_model, tokenizer, pairs: dict) -> float:
     return (chosen > rejected).float().mean().item()
 
 
-def train_ppo(policy_path, reward_path, prompts, ptx_texts, output_dir, steps: int, ptx_coef: float, seed: int):
+def train_ppo(
+    policy_path, reward_path, prompts, ptx_texts, output_dir, steps: int, ptx_coef: float, beta: float, seed: int
+):
     """PPO with a LoRA policy and a critic initialized from the reward model (its own LoRA adapter); returns the
     trainer after training."""
     args = PPOConfig(
@@ -193,7 +196,7 @@ def train_ppo(policy_path, reward_path, prompts, ptx_texts, output_dir, steps: i
         learning_rate=2e-3,
         critic_learning_rate=2e-3,
         lr_scheduler_type="constant",
-        beta=0.05,
+        beta=beta,
         normalize_reward=True,
         reward_clip=5.0,
         reward_weights=[1.0, 0.0],  # the reward model trains; the true preference is only logged
@@ -296,6 +299,7 @@ def run_rlhf_demo(
     ppo_steps: int = 60,
     reward_steps: int = 150,
     ptx_coef: float = 0.0,
+    beta: float = 0.05,
     output_dir: str = "trl-plus-rlhf-demo",
     seed: int = 0,
 ) -> RLHFDemoResult:
@@ -332,6 +336,7 @@ def run_rlhf_demo(
             os.path.join(output_dir, "ppo"),
             ppo_steps,
             ptx_coef,
+            beta,
             seed,
         )
         trainer.save_model()
@@ -376,10 +381,13 @@ def main(argv: list[str] | None = None) -> RLHFDemoResult:
     parser.add_argument("--ppo-steps", type=int, default=60, help="PPO steps (default: 60)")
     parser.add_argument("--reward-steps", type=int, default=150, help="RewardTrainer steps (default: 150)")
     parser.add_argument("--ptx-coef", type=float, default=0.0, help="PPO-ptx on the supervised data (default: off)")
+    parser.add_argument(
+        "--beta", type=float, default=0.05, help="KL coefficient (default: 0.05; lower it to watch reward hacking)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default="trl-plus-rlhf-demo", help="where the models and the PNG go")
     cli = parser.parse_args(argv)
-    result = run_rlhf_demo(cli.ppo_steps, cli.reward_steps, cli.ptx_coef, cli.output_dir, cli.seed)
+    result = run_rlhf_demo(cli.ppo_steps, cli.reward_steps, cli.ptx_coef, cli.beta, cli.output_dir, cli.seed)
     print(f"Held-out ({NUM_HELD_OUT_PROMPTS} prompts never trained on, sampled completions):")
     print(f"  {'':28}{'before PPO':>12}{'after PPO':>12}")
     for label, name in [

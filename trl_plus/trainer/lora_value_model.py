@@ -37,6 +37,7 @@ def add_lora(value_model: nn.Module, lora_config) -> PeftModel:
     task wrapper is wanted) and `modules_to_save` too (the head is trained in place, not through a copy)."""
     config = copy.deepcopy(lora_config)
     config.task_type, config.modules_to_save, config.inference_mode = None, None, False
+    config.base_model_name_or_path = getattr(value_model, "name_or_path", None)  # not the policy's
     if config.is_prompt_learning:
         raise ValueError("The critic adapter must be a layer adapter such as LoRA, not a prompt-learning method.")
     head = value_head(value_model)
