@@ -355,3 +355,36 @@ def test_two_process_ptx_streams_are_disjoint_shards_of_the_one_process_stream(t
     assert rank0["ptx_loss"] == pytest.approx(rank1["ptx_loss"]) and len(rank0["ptx_loss"]) == 2
     for name, tensor in weights0.items():  # DDP reduced the ptx gradients with the PPO ones: one model
         torch.testing.assert_close(weights1[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_ptx_with_gradient_checkpointing_gives_the_gradients_without_it(tiny_model_path, dataset, tmp_path):
+    """The ptx forward runs with the policy adapter active; under gradient checkpointing its layers must recompute
+    with it too, beside the critic's layers recomputing with the critic adapter (`adapter_checkpointing`)."""
+    gradients = {}
+    for checkpointing in (False, True):
+        trainer = PPOTrainer(
+            tiny_model_path,
+            reward_funcs=letter_reward,
+            args=make_config(
+                PPOConfig,
+                tmp_path / str(checkpointing),
+                num_generations=1,
+                ptx_coef=2.0,
+                gradient_checkpointing=checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            ),
+            train_dataset=dataset,
+            peft_config=lora(init_lora_weights=False),
+            ptx_dataset=Dataset.from_dict({"text": PTX_TEXTS}),
+        )
+        if checkpointing:  # what `Trainer.train` does
+            trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        batch = rollout(trainer)
+        trainer._compute_loss(trainer.model, batch).backward()
+        gradients[checkpointing] = {
+            n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None
+        }
+    assert gradients[True].keys() == gradients[False].keys() and len(gradients[False]) == 8 + 10
+    for name, grad in gradients[False].items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(gradients[True][name], grad, atol=1e-6, rtol=1e-5, msg=name)

@@ -25,6 +25,7 @@ The InstructGPT pipeline (arXiv 2203.02155) on a toy preference task built here:
 """
 
 import argparse
+import contextlib
 import itertools
 import os
 import random
@@ -32,6 +33,7 @@ import string
 import time
 from dataclasses import dataclass
 
+import datasets
 import torch
 from datasets import Dataset
 from peft import LoraConfig
@@ -304,7 +306,11 @@ def run_rlhf_demo(
     seed: int = 0,
 ) -> RLHFDemoResult:
     start = time.perf_counter()
-    with _demo_environment():
+    progress_bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # the reward-model stage's tokenization; the trainers' own bars stay
+    with _demo_environment(), contextlib.ExitStack() as stack:
+        if progress_bars:
+            stack.callback(datasets.enable_progress_bars)
         train_prompts, held_out_prompts = prompt_split()
         tokenizer = build_char_tokenizer()
         print("Task: prompt 'abc:', four letters back; the hidden true preference: more vowels.")

@@ -20,7 +20,11 @@ scalar value head on the policy's own PEFT model: one copy of the base weights s
 the critic (adapter "critic") and the reference (adapters disabled). Otherwise `value_model` is a separate model (a
 path loaded with `AutoModelForTokenClassification(num_labels=1)`, or a model object such as a reward model,
 `AutoModelForSequenceClassification`) whose `score` head is applied to the hidden state of every token; a full
-(non-PEFT) policy without `value_model` gets one initialized from its own checkpoint. Either way the critic's modules
+(non-PEFT) policy without `value_model` gets one initialized from its own checkpoint. The critic is trained the way
+the policy is: with a PEFT policy a separate value model (e.g. the reward model, InstructGPT's critic initialization)
+gets a LoRA adapter of its own, "critic", on its body, its head fully trainable and its base frozen
+(`trl_plus.trainer.lora_value_model`; `critic_peft_config` or the policy adapter's config with `critic_lora_r` /
+`critic_lora_alpha`); with a full policy it is trained in full. Either way the critic's modules
 are attributes of the trained model (`value_head` or `value_model`), so the Trainer's optimizer
 (`critic_learning_rate` gets its own parameter groups), gradient clipping, LR schedule and optimizer checkpoint cover
 them; their weights are saved next to the policy's (`critic/` and `value_model/` in a checkpoint), the KL
@@ -47,6 +51,14 @@ model's names, and never the critic adapter, the value head or the value model. 
 advantages as to GRPO's; the critic's loss is not reweighted (its targets are the rollout's returns, whatever policy
 sampled them).
 
+Reward model scores (`normalize_reward`, `reward_clip`): the sequence score (the weighted sum of the reward functions)
+is normalized with the running mean and std of every training score so far and/or clipped before it goes on the last
+token (`trl_plus.algos.running_stats`); the rewards are gathered from every process, so the moments are global and
+the same everywhere; they are saved in `ppo_state.json`. PPO-ptx (`ptx_coef`, the trainer's `ptx_dataset`): every
+training micro-batch adds ptx_coef times the mean token NLL of this process's next batch of that text
+(`trl_plus.trainer.ptx`, sharded over processes, its position saved in `ppo_state.json`), from a forward of the
+policy (its adapter active) at temperature 1.
+
 Metrics, besides TRL's (global means over the valid tokens of every process): `value/loss` (the per-token clipped
 value loss), `value/clipfrac` (tokens where the clipped term is larger), `value/mean` (V on the trained tokens),
 `value/explained_variance` (1 - Var(R - V_old) / Var(R) over the rollout's global batch), `kl` (the rollout's per-token
@@ -57,9 +69,10 @@ positive completions) and `positive_lm/fraction` (their share of the rollout). T
 `value/td_error_std` (the spread of the one-step TD errors r_t + gamma V_{t+1} - V_t), `value/advantage_std` (the
 spread of the GAE advantages before whitening: whitening scales them to std 1, however little of them is signal) and
 `value/lambda_policy` (the mean policy lambda); once, when value pretraining ends, `value/pretraining_steps` (the
-critic-only optimizer steps) and `value/pretraining_explained_variance` (the readiness window's mean then). A policy
-trained on a critic with negative explained variance (worse than predicting the mean return) gets a warning, at
-most once every 100 steps.
+critic-only optimizer steps) and `value/pretraining_explained_variance` (the readiness window's mean then);
+`reward_norm/mean`, `reward_norm/std` (the running moments) and `reward_norm/clipfrac` (scored completions at the
+clip), and `ptx/loss` (the PPO-ptx NLL, global token mean). A policy trained on a critic with negative explained
+variance (worse than predicting the mean return) gets a warning, at most once every 100 steps.
 
 Value pretraining (VAPO, VC-PPO arXiv 2503.01491): while it lasts, optimizer steps train only the critic, on
 Monte-Carlo returns of the frozen initial policy. It ends when the critic is ready (the mean explained variance of
@@ -256,8 +269,9 @@ class PPOConfig(GRPOConfig):
         default=None,
         metadata={
             "help": "Path or id of a separate critic, loaded with AutoModelForTokenClassification(num_labels=1) (a "
-            "reward-model checkpoint works: its `score` head becomes the value head). None: a LoRA critic on the "
-            "policy's own base model for a PEFT policy, else a full critic initialized from the policy's checkpoint."
+            "reward-model checkpoint works: its `score` head becomes the value head; with a PEFT policy it gets a "
+            "LoRA adapter of its own). None: a LoRA critic on the policy's own base model for a PEFT policy, else a "
+            "full critic initialized from the policy's checkpoint."
         },
     )
     critic_lora_r: int | None = field(
@@ -519,8 +533,9 @@ class PPOTrainer(GRPOTrainer):
     """PPO with a critic on TRL's generation path; see the module docstring.
 
     Takes `trl.GRPOTrainer`'s arguments plus `value_model` (a path, or a model with a per-token `score` head such as a
-    reward model; overrides `args.value_model`) and `critic_peft_config` (the LoRA critic's config; default: a copy of
-    the policy adapter's config with `critic_lora_r` / `critic_lora_alpha` applied). Without `value_model`, a PEFT
+    reward model; overrides `args.value_model`), `critic_peft_config` (the LoRA critic's config; default: a copy of
+    the policy adapter's config with `critic_lora_r` / `critic_lora_alpha` applied) and `ptx_dataset` (PPO-ptx's plain
+    text, a `text` column, like TRL's `train_dataset`; needs `args.ptx_coef > 0`). Without `value_model`, a PEFT
     policy gets the LoRA critic and a full policy a full critic initialized from the policy's checkpoint.
     """
 
