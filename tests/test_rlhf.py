@@ -7,6 +7,7 @@ The policy is the tiny Qwen2 of `conftest.py`; prompts and helpers come from `te
 import json
 import math
 import re
+import runpy
 import shutil
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from trl_plus.trainer.ppo import PPO_STATE_FILE, VALUE_MODEL, PPOConfig, PPOTrai
 from trl_plus.trainer.ptx import PtxStream, lm_nll_sum
 
 PTX_CHECK_SCRIPT = Path(__file__).parent / "distributed" / "check_ptx.py"
+
 PTX_TEXTS = [f"{letter * (1 + i % 5)} {i}" for i, letter in enumerate(LETTERS * 8)]  # 64 texts of varied length
 
 
@@ -343,7 +345,7 @@ def test_ptx_trains_logs_and_resumes_the_streams_position(tiny_model_path, datas
 
 
 @requires_gloo
-def test_two_process_ptx_streams_are_disjoint_shards_of_the_one_process_stream(tiny_model_path, tmp_path):
+def test_two_process_ptx_streams_are_disjoint_shards_and_reward_moments_are_global(tiny_model_path, tmp_path):
     runs = run_one_and_two_processes(PTX_CHECK_SCRIPT, tiny_model_path, tmp_path)
     ((single, _),) = runs["single"]
     (rank0, weights0), (rank1, weights1) = runs["two"]
@@ -353,6 +355,11 @@ def test_two_process_ptx_streams_are_disjoint_shards_of_the_one_process_stream(t
         assert not set(rank0["texts"][step]) & set(rank1["texts"][step])
         assert rank0["texts"][step] + rank1["texts"][step] == texts  # the same global batch, split by rank
     assert rank0["ptx_loss"] == pytest.approx(rank1["ptx_loss"]) and len(rank0["ptx_loss"]) == 2
+    # Reward normalization's moments are global: the 12 fixed rewards of each of the 2 steps, on every process.
+    rewards = torch.tensor(runpy.run_path(str(PTX_CHECK_SCRIPT.parent / "fixed_batch.py"))["REWARDS"]).double()
+    for moments in (single["reward_moments"], rank0["reward_moments"], rank1["reward_moments"]):
+        assert moments["count"] == 24 and moments["mean"] == pytest.approx(rewards.mean().item())
+        assert moments["m2"] == pytest.approx(2 * ((rewards - rewards.mean()) ** 2).sum().item())
     for name, tensor in weights0.items():  # DDP reduced the ptx gradients with the PPO ones: one model
         torch.testing.assert_close(weights1[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
 

@@ -368,11 +368,16 @@ def plot_curves(curves: dict[str, list[float]], path: str) -> str:
         "true_preference": "true preference (mean vowels)",
         "kl": "KL to the reference (per token)",
     }
+    window = 10
     figure, axes = plt.subplots(1, 3, figsize=(12, 3.5))
     for axis, (name, title) in zip(axes, titles.items(), strict=True):
         values = curves[name]
-        axis.plot(range(1, len(values) + 1), values)
+        steps = range(1, len(values) + 1)
+        smoothed = [sum(values[max(0, i - window) : i]) / len(values[max(0, i - window) : i]) for i in steps]
+        axis.plot(steps, values, alpha=0.35, label="per step (32 samples)")
+        axis.plot(steps, smoothed, label=f"moving average ({window} steps)")
         axis.set(xlabel="PPO step", title=title)
+    axes[0].legend(loc="lower right", fontsize="small")
     figure.suptitle("trl-plus demo --rlhf: PPO against a learned reward model")
     figure.tight_layout()
     figure.savefig(path, dpi=100)

@@ -5,7 +5,8 @@
 
 PPO with the LoRA critic on the fixed batch of `fixed_batch.py`, plus `ptx_coef=0.5` on 48 texts, 6 texts per
 micro-batch over all processes (`ptx_batch_size` = 6 / world size), for 2 optimizer steps of `trainer.train()`.
-Records the texts each process's stream handed out, in order, and every trainable parameter after training.
+Records the texts each process's stream handed out, in order, the running reward moments (`normalize_reward`) and
+every trainable parameter after training.
 
 Writes OUT_DIR/rank{R}.json (the texts) and OUT_DIR/rank{R}.pt (the parameters).
 """
@@ -35,6 +36,7 @@ def main(model_dir: str, out_dir: str) -> int:
         logging_steps=1,
         ptx_coef=0.5,
         ptx_batch_size=GLOBAL_PTX_BATCH // world_size,
+        normalize_reward=True,
     )
     trainer = PPOTrainer(
         model_dir,
@@ -59,6 +61,7 @@ def main(model_dir: str, out_dir: str) -> int:
         "world_size": world_size,
         "texts": seen,
         "ptx_loss": [entry["ptx/loss"] for entry in trainer.state.log_history if "ptx/loss" in entry],
+        "reward_moments": trainer._score_normalizer.state_dict(),
         "checks": {},
     }
     return fixed_batch.finish(out_dir, rank, summary, tensors)

@@ -344,8 +344,9 @@ class PPOConfig(GRPOConfig):
         default=0.0,
         metadata={
             "help": "PPO-ptx (InstructGPT arXiv 2203.02155 eq. 2, its gamma): + ptx_coef * the language-model loss "
-            "(mean token NLL) of a batch of `ptx_dataset` text in every micro-batch's loss. Needs the trainer's "
-            "`ptx_dataset`. 0: off."
+            "(mean token NLL) of a batch of `ptx_dataset` text in every training micro-batch's loss (an optimizer "
+            "step adds ptx_coef times the mean of its micro-batches' NLLs; none during value pretraining, when the "
+            "policy is frozen). Needs the trainer's `ptx_dataset`. 0: off."
         },
     )
     ptx_batch_size: int | None = field(
