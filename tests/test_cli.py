@@ -37,7 +37,7 @@ def test_unknown_algorithm_exits_2_listing_the_valid_ones(capsys):
     code, _, err = run_cli(["dapoo", "--model_name_or_path", "x"], capsys)
     assert code == 2
     assert "unknown algorithm or command 'dapoo'" in err
-    assert f"valid choices: demo, {', '.join(ALGORITHMS)}" in err
+    assert f"valid choices: demo, rlhf, {', '.join(ALGORITHMS)}" in err
 
 
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
@@ -107,4 +107,4 @@ def test_console_script():
         pytest.skip("the package is not installed with its console scripts")
     result = subprocess.run([str(script), "nope"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
-    assert "unknown algorithm or command 'nope'; valid choices: demo, grpo, dapo" in result.stderr
+    assert "unknown algorithm or command 'nope'; valid choices: demo, rlhf, grpo, dapo" in result.stderr

@@ -490,3 +490,32 @@ def test_loss_option_helpers_and_entropy_controller_state(tiny_model_path, promp
     assert trainer.importance_sampling_level == "token"
     source = inspect.getsource(trl.GRPOTrainer._save_checkpoint)
     assert "entropy_ctrl_state.json" in source and "_last_world_entropy" in source
+
+
+# ---------------------------------------------------------------------------------------------- RLHF pipeline
+
+
+def test_trainer_resume_loads_checkpoint_subfolders_holding_adapter_weights_as_adapters():
+    """Why `trl_plus.trainer.lora_value_model` saves a LoRA value model as `value_model/critic.safetensors` and not
+    PEFT's `adapter_model.safetensors`: the Trainer's resume loads every checkpoint subfolder holding that file as an
+    adapter of the (PEFT) policy."""
+    source = inspect.getsource(transformers.Trainer._load_from_checkpoint)
+    assert "os.listdir(resume_from_checkpoint)" in source
+    assert "ADAPTER_SAFE_WEIGHTS_NAME" in source and "load_adapter" in source
+
+
+def test_reward_trainer_appends_eos_to_plain_text_pairs_and_keeps_pre_tokenized_ones(tiny_model_path, tmp_path):
+    """`trl_plus.scripts.rlhf.pairs_tokenized_as_ppo_scores` relies on both: plain-text pairs get an eos that GRPO's
+    reward-model scoring (`prompt + completion`, no special tokens) never shows the reward model, and pairs given as
+    `chosen_ids` / `rejected_ids` are used as they are."""
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    args = trl.RewardConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
+    text = Dataset.from_dict({"prompt": ["ab="], "chosen": ["1"], "rejected": ["x"]})
+    ids = Dataset.from_dict({"chosen_ids": [[5, 6]], "rejected_ids": [[7]]})
+    for dataset, chosen in [(text, tokenizer("ab=1")["input_ids"] + [tokenizer.eos_token_id]), (ids, [5, 6])]:
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=1)
+        trainer = trl.RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        assert trainer.train_dataset[0]["chosen_ids"] == chosen

@@ -1,6 +1,8 @@
 """The `trl-plus` command.
 
     trl-plus demo [--algo dapo]                  # a 1-minute CPU run, no downloads: accuracy before/after RL
+    trl-plus demo --rlhf                         # reward model + PPO against it on CPU, no downloads
+    trl-plus rlhf --model_name_or_path ... --preference_dataset_name ...   # RewardTrainer, then PPO against it
     trl-plus <algorithm> --model_name_or_path ... --dataset_name ... [any config flag]
     trl-plus <algorithm> --help                  # every flag of the algorithm's config
     trl-plus --help                              # the algorithms, with their papers
@@ -16,17 +18,19 @@ import sys
 from .scripts.algorithms import ALGORITHMS
 
 DEMO_HELP = "train a tiny model on CPU in about a minute, no downloads, and show held-out accuracy before and after"
+RLHF_HELP = "classic RLHF: train a reward model with TRL's RewardTrainer, then PPO against it (examples/rlhf.py)"
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    width = max(map(len, [*ALGORITHMS, "demo"]))
+    width = max(map(len, [*ALGORITHMS, "demo", "rlhf"]))
     lines = [f"  {name:<{width}}  {a.description}\n  {'':<{width}}  {a.paper}" for name, a in ALGORITHMS.items()]
     parser = argparse.ArgumentParser(
         prog="trl-plus",
-        usage="trl-plus {demo,<algorithm>} [args]",
+        usage="trl-plus {demo,rlhf,<algorithm>} [args]",
         description="RL-for-LLM algorithms as drop-in TRL trainers.",
         epilog=(
-            f"commands:\n  {'demo':<{width}}  {DEMO_HELP}\n\nalgorithms (trl-plus <algorithm> --help for its flags):\n"
+            f"commands:\n  {'demo':<{width}}  {DEMO_HELP} (--rlhf: the RLHF pipeline)\n"
+            f"  {'rlhf':<{width}}  {RLHF_HELP}\n\nalgorithms (trl-plus <algorithm> --help for its flags):\n"
             + "\n".join(lines)
             + "\n\nexample:\n  trl-plus dapo --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct "
             "--dataset_name trl-lib/DeepMath-103K --reward_funcs accuracy_reward --use_peft --output_dir out"
@@ -55,12 +59,16 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import main as demo_main
 
         demo_main(args)
+    elif command == "rlhf":
+        from .scripts.rlhf import main as rlhf_main
+
+        rlhf_main(args, prog="trl-plus rlhf")
     elif command in ALGORITHMS:
         from .scripts.train import main as train_main
 
         train_main(command, args, prog=f"trl-plus {command}")
     else:
-        parser.error(f"unknown algorithm or command {command!r}; valid choices: demo, {', '.join(ALGORITHMS)}")
+        parser.error(f"unknown algorithm or command {command!r}; valid choices: demo, rlhf, {', '.join(ALGORITHMS)}")
     return 0
 
 

@@ -1,6 +1,7 @@
 """`trl-plus demo`: RL raising a tiny model's accuracy on CPU in about a minute, with no downloads.
 
     trl-plus demo [--algo dapo] [--rl-steps 300] [--seed 0] [--output-dir trl-plus-demo]
+    trl-plus demo --rlhf [...]    # classic RLHF instead: reward model, then PPO against it (`trl_plus.rlhf_demo`)
 
 1. The task: reverse three letters (`abc:` -> `cba`), generated here; the reward is 1.0 for an exact match. 256
    held-out prompts are never trained on.
@@ -17,6 +18,7 @@ import itertools
 import os
 import random
 import string
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -239,9 +241,15 @@ def plot_rewards(rewards: list[float], algo: str, before: float, after: float, p
 
 
 def main(argv: list[str] | None = None) -> DemoResult:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--rlhf" in argv:
+        from .rlhf_demo import main as rlhf_main
+
+        return rlhf_main([arg for arg in argv if arg != "--rlhf"])
     parser = argparse.ArgumentParser(
         prog="trl-plus demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--rlhf", action="store_true", help="the RLHF demo instead (trl-plus demo --rlhf --help)")
     parser.add_argument("--algo", choices=list(ALGORITHMS), default="dapo", help="the RL algorithm (default: dapo)")
     parser.add_argument("--rl-steps", type=int, default=300, help="RL steps (default: 300)")
     parser.add_argument("--seed", type=int, default=0)

@@ -20,7 +20,11 @@ scalar value head on the policy's own PEFT model: one copy of the base weights s
 the critic (adapter "critic") and the reference (adapters disabled). Otherwise `value_model` is a separate model (a
 path loaded with `AutoModelForTokenClassification(num_labels=1)`, or a model object such as a reward model,
 `AutoModelForSequenceClassification`) whose `score` head is applied to the hidden state of every token; a full
-(non-PEFT) policy without `value_model` gets one initialized from its own checkpoint. Either way the critic's modules
+(non-PEFT) policy without `value_model` gets one initialized from its own checkpoint. The critic is trained the way
+the policy is: with a PEFT policy a separate value model (e.g. the reward model, InstructGPT's critic initialization)
+gets a LoRA adapter of its own, "critic", on its body, its head fully trainable and its base frozen
+(`trl_plus.trainer.lora_value_model`; `critic_peft_config` or the policy adapter's config with `critic_lora_r` /
+`critic_lora_alpha`); with a full policy it is trained in full. Either way the critic's modules
 are attributes of the trained model (`value_head` or `value_model`), so the Trainer's optimizer
 (`critic_learning_rate` gets its own parameter groups), gradient clipping, LR schedule and optimizer checkpoint cover
 them; their weights are saved next to the policy's (`critic/` and `value_model/` in a checkpoint), the KL
@@ -47,6 +51,14 @@ model's names, and never the critic adapter, the value head or the value model. 
 advantages as to GRPO's; the critic's loss is not reweighted (its targets are the rollout's returns, whatever policy
 sampled them).
 
+Reward model scores (`normalize_reward`, `reward_clip`): the sequence score (the weighted sum of the reward functions)
+is normalized with the running mean and std of every training score so far and/or clipped before it goes on the last
+token (`trl_plus.algos.running_stats`); the rewards are gathered from every process, so the moments are global and
+the same everywhere; they are saved in `ppo_state.json`. PPO-ptx (`ptx_coef`, the trainer's `ptx_dataset`): every
+training micro-batch adds ptx_coef times the mean token NLL of this process's next batch of that text
+(`trl_plus.trainer.ptx`, sharded over processes, its position saved in `ppo_state.json`), from a forward of the
+policy (its adapter active) at temperature 1.
+
 Metrics, besides TRL's (global means over the valid tokens of every process): `value/loss` (the per-token clipped
 value loss), `value/clipfrac` (tokens where the clipped term is larger), `value/mean` (V on the trained tokens),
 `value/explained_variance` (1 - Var(R - V_old) / Var(R) over the rollout's global batch), `kl` (the rollout's per-token
@@ -57,9 +69,10 @@ positive completions) and `positive_lm/fraction` (their share of the rollout). T
 `value/td_error_std` (the spread of the one-step TD errors r_t + gamma V_{t+1} - V_t), `value/advantage_std` (the
 spread of the GAE advantages before whitening: whitening scales them to std 1, however little of them is signal) and
 `value/lambda_policy` (the mean policy lambda); once, when value pretraining ends, `value/pretraining_steps` (the
-critic-only optimizer steps) and `value/pretraining_explained_variance` (the readiness window's mean then). A policy
-trained on a critic with negative explained variance (worse than predicting the mean return) gets a warning, at
-most once every 100 steps.
+critic-only optimizer steps) and `value/pretraining_explained_variance` (the readiness window's mean then);
+`reward_norm/mean`, `reward_norm/std` (the running moments) and `reward_norm/clipfrac` (scored completions at the
+clip), and `ptx/loss` (the PPO-ptx NLL, global token mean). A policy trained on a critic with negative explained
+variance (worse than predicting the mean return) gets a warning, at most once every 100 steps.
 
 Value pretraining (VAPO, VC-PPO arXiv 2503.01491): while it lasts, optimizer steps train only the critic, on
 Monte-Carlo returns of the frozen initial policy. It ends when the critic is ready (the mean explained variance of
@@ -94,6 +107,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import create_model_from_path, disable_dropout_in_model, get_config_model_id
 
 from ..algos import KL_ESTIMATORS, masked_whiten
+from ..algos.running_stats import ScoreNormalizer
 from ..algos.value import (
     AdaptiveKLController,
     FixedKLController,
@@ -105,6 +119,7 @@ from ..algos.value import (
     kl_shaped_token_rewards,
     length_adaptive_lambda,
 )
+from . import lora_value_model
 from .adapter_checkpointing import bind_adapters_to_checkpoints
 from .checkpoints import (
     check_shapes,
@@ -118,6 +133,7 @@ from .checkpoints import (
 )
 from .field_types import check_field_types
 from .grpo import GRPOConfig, GRPOTrainer
+from .ptx import PtxStream, check_ptx_arguments, lm_nll_sum
 from .vllm_sync import send_policy_only
 
 logger = logging.getLogger(__name__)
@@ -253,8 +269,9 @@ class PPOConfig(GRPOConfig):
         default=None,
         metadata={
             "help": "Path or id of a separate critic, loaded with AutoModelForTokenClassification(num_labels=1) (a "
-            "reward-model checkpoint works: its `score` head becomes the value head). None: a LoRA critic on the "
-            "policy's own base model for a PEFT policy, else a full critic initialized from the policy's checkpoint."
+            "reward-model checkpoint works: its `score` head becomes the value head; with a PEFT policy it gets a "
+            "LoRA adapter of its own). None: a LoRA critic on the policy's own base model for a PEFT policy, else a "
+            "full critic initialized from the policy's checkpoint."
         },
     )
     critic_lora_r: int | None = field(
@@ -305,6 +322,40 @@ class PPOConfig(GRPOConfig):
             "help": "A completion is a positive example when its reward (the weighted sum of the reward functions, "
             "without KL) is > this. 0.0 suits 0/1 or -1/+1 correctness rewards."
         },
+    )
+
+    normalize_reward: bool = field(
+        default=False,
+        metadata={
+            "help": "Reward normalization (InstructGPT arXiv 2203.02155 app. C.3; arXiv 2403.17031 sec. 4): the "
+            "sequence score (the weighted sum of the reward functions, e.g. a reward model's score) becomes "
+            "(r - mean) / std with the running mean and std of every training score so far (global over processes, "
+            "saved in checkpoints). What GAE, the value targets and `positive_reward_threshold` then see."
+        },
+    )
+    reward_clip: float | None = field(
+        default=None,
+        metadata={
+            "help": "Clip the sequence score (after normalization, when on) to [-reward_clip, reward_clip] (OpenRLHF, "
+            "arXiv 2403.17031: 5 to 10 with normalization). None: no clipping."
+        },
+    )
+    ptx_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "PPO-ptx (InstructGPT arXiv 2203.02155 eq. 2, its gamma): + ptx_coef * the language-model loss "
+            "(mean token NLL) of a batch of `ptx_dataset` text in every training micro-batch's loss (an optimizer "
+            "step adds ptx_coef times the mean of its micro-batches' NLLs; none during value pretraining, when the "
+            "policy is frozen). Needs the trainer's `ptx_dataset`. 0: off."
+        },
+    )
+    ptx_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Texts per process per micro-batch for PPO-ptx. None: per_device_train_batch_size."},
+    )
+    ptx_max_length: int | None = field(
+        default=None,
+        metadata={"help": "Truncate each PPO-ptx text to this many tokens. None: no truncation."},
     )
 
     def __post_init__(self):
@@ -390,6 +441,24 @@ class PPOConfig(GRPOConfig):
             "2.0), or None (the critic gets `learning_rate`).",
         )
         check(self.positive_lm_coef >= 0, f"`positive_lm_coef` must be >= 0, got {self.positive_lm_coef}.")
+        check(
+            self.reward_clip is None or 0.0 < self.reward_clip < float("inf"),
+            f"`reward_clip` is {self.reward_clip}; valid: a finite number > 0 (scores are clipped to [-reward_clip, "
+            "reward_clip]), or None (no clipping).",
+        )
+        check(
+            0.0 <= self.ptx_coef < float("inf"),
+            f"`ptx_coef` is {self.ptx_coef}; valid: a finite number >= 0 (0: no PPO-ptx).",
+        )
+        check(
+            self.ptx_batch_size is None or self.ptx_batch_size >= 1,
+            f"`ptx_batch_size` is {self.ptx_batch_size}; valid: a number of texts >= 1, or None "
+            "(per_device_train_batch_size).",
+        )
+        check(
+            self.ptx_max_length is None or self.ptx_max_length >= 2,
+            f"`ptx_max_length` is {self.ptx_max_length}; valid: a number of tokens >= 2 (one predicted), or None.",
+        )
         for name in ("critic_lora_r", "critic_lora_alpha"):
             check(getattr(self, name) is None or getattr(self, name) > 0, f"`{name}` must be > 0 or None.")
         check(
@@ -465,8 +534,9 @@ class PPOTrainer(GRPOTrainer):
     """PPO with a critic on TRL's generation path; see the module docstring.
 
     Takes `trl.GRPOTrainer`'s arguments plus `value_model` (a path, or a model with a per-token `score` head such as a
-    reward model; overrides `args.value_model`) and `critic_peft_config` (the LoRA critic's config; default: a copy of
-    the policy adapter's config with `critic_lora_r` / `critic_lora_alpha` applied). Without `value_model`, a PEFT
+    reward model; overrides `args.value_model`), `critic_peft_config` (the LoRA critic's config; default: a copy of
+    the policy adapter's config with `critic_lora_r` / `critic_lora_alpha` applied) and `ptx_dataset` (PPO-ptx's plain
+    text, a `text` column, like TRL's `train_dataset`; needs `args.ptx_coef > 0`). Without `value_model`, a PEFT
     policy gets the LoRA critic and a full policy a full critic initialized from the policy's checkpoint.
     """
 
@@ -475,10 +545,19 @@ class PPOTrainer(GRPOTrainer):
     _name = "PPO"
 
     def __init__(
-        self, model, reward_funcs=None, args=None, *positional, value_model=None, critic_peft_config=None, **kwargs
+        self,
+        model,
+        reward_funcs=None,
+        args=None,
+        *positional,
+        value_model=None,
+        critic_peft_config=None,
+        ptx_dataset=None,
+        **kwargs,
     ):
         if args is not None and not isinstance(args, PPOConfig):
             raise TypeError(f"{type(self).__name__} needs a trl_plus.PPOConfig (or VAPOConfig), got {type(args)}.")
+        check_ptx_arguments(0.0 if args is None else args.ptx_coef, ptx_dataset)  # before the model loads
         super().__init__(model, reward_funcs, args, *positional, **kwargs)
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise NotImplementedError(
@@ -501,6 +580,18 @@ class PPOTrainer(GRPOTrainer):
         self._negative_explained_variance_warned_at: int | None = None  # the optimizer step of the last warning
         self._negative_explained_variance_rollouts = 0  # rollouts with a negative one since that warning
         self._setup_critic(value_model if value_model is not None else self.args.value_model, critic_peft_config)
+        self._score_normalizer = ScoreNormalizer(self.args.normalize_reward, self.args.reward_clip)
+        self._ptx = None
+        if ptx_dataset is not None:
+            self._ptx = PtxStream(
+                ptx_dataset,
+                self.processing_class,
+                self.args.ptx_batch_size or self.args.per_device_train_batch_size,
+                self.accelerator.num_processes,
+                self.accelerator.process_index,
+                self.args.seed,
+                self.args.ptx_max_length,
+            )
         if self.use_vllm:  # vLLM generates with the policy: its weight syncs leave the critic out
             send_policy_only(self.vllm_generation, (VALUE_HEAD, VALUE_MODEL), POLICY_ADAPTER)
 
@@ -528,7 +619,10 @@ class PPOTrainer(GRPOTrainer):
                 self._add_lora_critic(model, critic_peft_config, device)
             else:
                 value_model = self._load_value_model(value_model)
-                value_model.requires_grad_(True)
+                if self._is_peft:  # a LoRA policy gets a LoRA critic: its own adapter on the value model's body
+                    value_model = lora_value_model.add_lora(value_model, self._critic_lora_config(critic_peft_config))
+                else:
+                    value_model.requires_grad_(True)
                 if args.disable_dropout:
                     disable_dropout_in_model(value_model)
                 if args.gradient_checkpointing:
@@ -540,18 +634,31 @@ class PPOTrainer(GRPOTrainer):
                 return name.startswith(f"{VALUE_HEAD}.") or f".{CRITIC_ADAPTER}." in name
             return name.startswith(f"{VALUE_MODEL}.")
 
-        self._critic_params = [param for name, param in model.named_parameters() if is_critic(name)]
+        # Trainable now: the frozen base of a LoRA value model is no critic parameter.
+        self._critic_params = [
+            param for name, param in model.named_parameters() if is_critic(name) and param.requires_grad
+        ]
         self._restore_trainable()
 
+    def _critic_lora_config(self, critic_peft_config):
+        """The critic's LoRA config: `critic_peft_config`, or a copy of the policy adapter's with `critic_lora_r` /
+        `critic_lora_alpha` applied."""
+        if critic_peft_config is not None:
+            return critic_peft_config
+        critic_peft_config = copy.deepcopy(self.model.peft_config[POLICY_ADAPTER])
+        critic_peft_config.modules_to_save = None  # the critic needs no copy of the policy's extra modules
+        if self.args.critic_lora_r is not None:
+            critic_peft_config.r = self.args.critic_lora_r
+        if self.args.critic_lora_alpha is not None:
+            critic_peft_config.lora_alpha = self.args.critic_lora_alpha
+        return critic_peft_config
+
+    @property
+    def _value_model_is_lora(self) -> bool:
+        return not self._uses_lora_critic and self._is_peft
+
     def _add_lora_critic(self, model, critic_peft_config, device) -> None:
-        if critic_peft_config is None:
-            critic_peft_config = copy.deepcopy(model.peft_config[POLICY_ADAPTER])
-            critic_peft_config.modules_to_save = None  # the critic needs no copy of the policy's extra modules
-            if self.args.critic_lora_r is not None:
-                critic_peft_config.r = self.args.critic_lora_r
-            if self.args.critic_lora_alpha is not None:
-                critic_peft_config.lora_alpha = self.args.critic_lora_alpha
-        critic_peft_config = copy.deepcopy(critic_peft_config)
+        critic_peft_config = copy.deepcopy(self._critic_lora_config(critic_peft_config))
         critic_peft_config.inference_mode = False
         if critic_peft_config.is_prompt_learning:
             raise ValueError("The critic adapter must be a layer adapter such as LoRA, not a prompt-learning method.")
@@ -604,7 +711,9 @@ class PPOTrainer(GRPOTrainer):
             causal_lm = model.get_base_model()
             return getattr(causal_lm, causal_lm.base_model_prefix), getattr(model, VALUE_HEAD)
         value_model = getattr(model, VALUE_MODEL)
-        head = getattr(value_model, "score", None) or getattr(value_model, "classifier", None)
+        if is_peft_model(value_model):  # its LoRA layers are in place in the wrapped model's modules
+            value_model = value_model.get_base_model()
+        head = lora_value_model.value_head(value_model)
         if head is None:
             raise ValueError(f"{type(value_model).__name__} has no `score` or `classifier` head to read values from.")
         return getattr(value_model, value_model.base_model_prefix), head
@@ -766,7 +875,10 @@ class PPOTrainer(GRPOTrainer):
         args = self.args
         mode = "train" if self.model.training else "eval"
         mask = (output["completion_mask"] * output.get("tool_mask", 1)).float()
-        scores = self._local_rows(self._global_rewards(), output)
+        global_scores = self._global_rewards()
+        if self._score_normalizer.enabled:
+            global_scores = self._normalized_scores(global_scores, mode)
+        scores = self._local_rows(global_scores, output)
         scored = ~torch.isnan(scores)  # no reward function scored it: no signal, out of every statistic
         value_mask = mask * scored.unsqueeze(1)
         old_values = self._critic_values(output)
@@ -803,6 +915,20 @@ class PPOTrainer(GRPOTrainer):
         output["scores"] = torch.nan_to_num(scores)
         output["scored"] = scored.float()
         return advantages
+
+    def _normalized_scores(self, scores: torch.Tensor, mode: str) -> torch.Tensor:
+        """The global batch's sequence scores `(N,)` normalized and clipped (`normalize_reward`, `reward_clip`);
+        every process holds the same gathered scores, hence the same running moments."""
+        normalized = self._score_normalizer(scores, update=mode == "train")
+        metrics = self._metrics[mode]
+        if self._score_normalizer.normalize:
+            metrics["reward_norm/mean"].append(self._score_normalizer.moments.mean)
+            metrics["reward_norm/std"].append(self._score_normalizer.moments.std)
+        if self._score_normalizer.clip is not None:
+            scored = ~torch.isnan(scores)
+            clipped = (normalized.abs() >= self._score_normalizer.clip) & scored
+            metrics["reward_norm/clipfrac"].append((clipped.sum() / scored.sum().clamp(min=1)).item())
+        return normalized
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
@@ -906,7 +1032,22 @@ class PPOTrainer(GRPOTrainer):
             self._metrics[mode]["positive_lm/loss"].append(
                 self._global_masked_mean(-per_token_logps.detach(), positive_mask)
             )
+        if self._ptx is not None and mode == "train" and torch.is_grad_enabled():
+            loss = loss + args.ptx_coef * self._ptx_loss(model)
         return loss + args.vf_coef * value_loss
+
+    def _ptx_loss(self, model) -> torch.Tensor:
+        """PPO-ptx: the mean token NLL of this process's next batch of `ptx_dataset` text under the policy (adapter
+        "default" active, temperature 1), divided by the accumulation steps as TRL's loss is: over an optimizer step,
+        the mean of its micro-batches' NLLs (and DDP averages it over processes). The forward runs on the unwrapped
+        model, as the critic's: the policy forward through DDP already armed its one gradient reduction."""
+        batch = self._ptx.next_batch(self.accelerator.device)
+        with self.accelerator.autocast():
+            logits = self.accelerator.unwrap_model(model)(**batch, use_cache=False).logits
+        nll_sum, num_tokens = lm_nll_sum(logits, batch["input_ids"], batch["attention_mask"])
+        totals = self._all_reduce_sum(torch.stack([nll_sum.detach(), num_tokens.to(nll_sum.dtype)]))
+        self._metrics["train"]["ptx/loss"].append((totals[0] / totals[1].clamp(min=1.0)).item())
+        return nll_sum / num_tokens.clamp(min=1) / self.current_gradient_accumulation_steps
 
     @staticmethod
     def _policy_forward_for_reduction(model, inputs) -> torch.Tensor:
@@ -969,6 +1110,9 @@ class PPOTrainer(GRPOTrainer):
                 {name: tensor.detach().contiguous().cpu() for name, tensor in head.state_dict().items()},
                 os.path.join(output_dir, CRITIC_ADAPTER, VALUE_HEAD_FILE),
             )
+        elif self._value_model_is_lora:
+            os.makedirs(os.path.join(output_dir, VALUE_MODEL), exist_ok=True)
+            lora_value_model.save(getattr(model, VALUE_MODEL), os.path.join(output_dir, VALUE_MODEL))
         else:
             getattr(model, VALUE_MODEL).save_pretrained(os.path.join(output_dir, VALUE_MODEL))
 
@@ -978,12 +1122,16 @@ class PPOTrainer(GRPOTrainer):
         if self._uses_lora_critic:
             self._check_critic_adapter(resume_from_checkpoint, unwrapped)
             head_state = self._read_value_head(resume_from_checkpoint, getattr(unwrapped, VALUE_HEAD))
+        elif self._value_model_is_lora:
+            value_state = lora_value_model.read_checked(resume_from_checkpoint, VALUE_MODEL, unwrapped.value_model)
         else:
             self._check_value_model_files(resume_from_checkpoint)
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         if self._uses_lora_critic:  # the Trainer reloaded the `critic/` adapter (frozen); the head is ours
             getattr(unwrapped, VALUE_HEAD).load_state_dict(head_state)
             unwrapped.set_adapter(POLICY_ADAPTER)
+        elif self._value_model_is_lora:
+            lora_value_model.load(getattr(unwrapped, VALUE_MODEL), value_state)
         else:
             self._load_saved_value_model(resume_from_checkpoint, getattr(unwrapped, VALUE_MODEL))
         self._restore_trainable()
@@ -1054,7 +1202,12 @@ class PPOTrainer(GRPOTrainer):
     def _ppo_state(self) -> dict:
         """PPO's state besides the weights, by section of `ppo_state.json`: objects with `state_dict` /
         `load_state_dict` (JSON-serializable states). A new section is one more entry."""
-        return {"kl_controller": self._kl_controller, "value_pretraining": self._value_pretraining}
+        sections = {"kl_controller": self._kl_controller, "value_pretraining": self._value_pretraining}
+        if self._score_normalizer.normalize:
+            sections["reward_normalizer"] = self._score_normalizer
+        if self._ptx is not None:
+            sections["ptx"] = self._ptx
+        return sections
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
