@@ -9,7 +9,7 @@ from datasets import Dataset
 from tests.conftest import make_config
 from trl_plus import DAPOConfig, GRPOConfig, GRPOTrainer, PPOConfig, ReMaxConfig, ReMaxTrainer
 from trl_plus.rewards.majority_vote import prompt_key
-from trl_plus.sampling import SelectiveRollout, adapted_exploration, keep_probability
+from trl_plus.sampling import Sampler, SelectiveRollout, adapted_exploration, keep_probability
 from trl_plus.sampling.selective import SIGNAL, SOLVED, UNSOLVED
 from trl_plus.trainer.checkpoints import MissingCheckpointFileError
 from trl_plus.trainer.grpo import GENERATION_COUNTS_FILE, SURPLUS_BUFFER_FILE
@@ -98,6 +98,44 @@ def test_state_dict_round_trip_continues_the_same_decisions(tmp_path):
     assert restored.choose_skipped(["a"] * 50) == rollout.choose_skipped(["a"] * 50)
     with pytest.raises(ValueError, match=r"keys \['exploration', 'generator', 'history', 'reward_range'\]"):
         restored.load_state_dict({"history": {}})
+
+
+def _rows(*prompts: str, group_size: int = 2) -> list[dict]:
+    return [{"prompt": prompt} for prompt in prompts for _ in range(group_size)]
+
+
+def test_sampler_adapts_only_at_steps_whose_prompts_all_came_back():
+    # GRESO adapts p from the second epoch on (`epoch > 0` in the authors' ray_trainer.py): a step that generates a
+    # new prompt, which no history could have skipped, leaves both exploration probabilities as they are.
+    metrics = []
+    sampler = Sampler(
+        group_size=2,
+        num_processes=1,
+        process_index=0,
+        prompt_batches=lambda epoch: [_rows("p0", "p1")] * 20,  # replacements: prompts with a history by then
+        gather_object=lambda local: local,  # one process
+        to_training_batch=lambda batch: batch,
+        old_log_probs=None,
+        log_metric=lambda name, value: metrics.append((name, value)),
+        pad_values={},
+        selective_rollout=SelectiveRollout(target_zero_variance=0.25, exploration=0.5, seed=0),
+    )
+
+    def all_zero(inputs):  # every group zero-variance at reward 0: unsolved (no higher reward seen)
+        return {}, torch.zeros(len(inputs))
+
+    def exploration():
+        return dict(sampler.selective_rollout.exploration)
+
+    sampler.sample(_rows("p0", "p1"), all_zero)  # both prompts new
+    assert exploration() == {SOLVED: 0.5, UNSOLVED: 0.5}
+    sampler.sample(_rows("p0", "p2"), all_zero)  # p0 comes back, p2 is new (p0 may be replaced by p0 or p1)
+    assert exploration() == {SOLVED: 0.5, UNSOLVED: 0.5}  # before: 0.51 / 0.49, adapted on p2's group
+    sampler.sample(_rows("p0", "p1"), all_zero)  # all returning (so are their replacements)
+    # unsolved share 2/2 = 1 >= 2/3 * 0.25: down 0.01; solved share 0 < 1/3 * 0.25: up 0.01
+    assert exploration() == {SOLVED: pytest.approx(0.51), UNSOLVED: pytest.approx(0.49)}
+    logged_unsolved = [value for name, value in metrics if name == "selective_rollout/exploration_unsolved"]
+    assert logged_unsolved == [0.5, 0.5, pytest.approx(0.49)]
 
 
 # ---------------------------------------------------------------------- config
