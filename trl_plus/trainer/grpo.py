@@ -53,6 +53,7 @@ from ..sampling import (
 )
 from .checkpoints import read_file, read_json, read_sections, read_torch, reading, section_states
 from .entropy_bonus import apply_entropy_bonus
+from .epoch_order import EpochOrder
 from .field_types import check_field_types
 from .nonfinite import NonFiniteStepGuard, NonFiniteTrainingError
 
@@ -844,6 +845,11 @@ class GRPOTrainer(trl.GRPOTrainer):
             sampler_fn=lambda _dataset: sampler,
             is_training=True,
         )
+
+    def _get_train_sampler(self, dataset=None):
+        """TRL's sampler, whose order of each epoch a resumed run reproduces (see `EpochOrder`)."""
+        sampler = super()._get_train_sampler(dataset)
+        return EpochOrder(sampler) if isinstance(sampler, RepeatSampler) else sampler
 
     # ------------------------------------------------------------------ generation accounting
     def _generate(self, prompts: list):
