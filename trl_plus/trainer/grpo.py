@@ -261,7 +261,8 @@ class GRPOConfig(trl.GRPOConfig):
             "help": "GRESO selective rollout (arXiv 2506.02177): before generating, skip a prompt whose last z groups "
             "all had equal rewards with probability 1 - max(p^z, 0.01), and replace it by a prompt of the "
             "extra-prompt stream, so a step still gets its number of groups. The exploration probability p (one for "
-            "solved prompts, one for unsolved ones) adapts by 0.01 per step, within [0.05, 0.95], to hold "
+            "solved prompts, one for unsolved ones) adapts by 0.01 per step whose prompts all came back (GRESO: from "
+            "the second epoch), within [0.05, 0.95], to hold "
             "`selective_rollout_target` zero-variance groups among the generated ones. Works with and without "
             "dynamic_sampling. Needs num_generations >= 2 (a group of one has no variance) and a map-style dataset."
         },
