@@ -112,10 +112,18 @@ SPECS += [  # GRESO selective rollout (arXiv 2506.02177), measured in the multi-
     Spec("ttrl_vote8", "trl_plus", "GRPOTrainer", "GRPOConfig", ttrl_ties="first"),
 ]
 SPECS_BY_NAME = {spec.name: spec for spec in SPECS}
-# The multi-epoch setting: a pool of 128 training prompts, each seen about 20 times in the budget (8 samples per
-# visit), so prompts that are always solved or never solved come back and selective rollout has a history to use.
+# The multi-epoch setting: a pool of 512 training prompts, each visited about 5 times in the budget (2,560 groups of 8
+# samples), so prompts that are always solved or never solved come back and selective rollout has a history to use.
+# The issue asks for at least 4 visits per prompt; 512 is the largest power of two that gives them. A smaller pool is
+# a memorization regime: with 128 prompts (20 visits) held-out accuracy plateaued at 35-56% and TRL GRPO collapsed to
+# 0% on one seed of three (lr 1e-3), so "samples to TRL GRPO's final accuracy" measured that collapse, not learning.
+# A quarter of the pool is out of reach (`unanswerable_pool`), as the problems of a math set that a model never solves:
+# on the reverse task alone a zero-variance group is followed by another at the prompt's next visit only 41% (all
+# solved) and 51% (all wrong) of the time (plain GRPO, seed 3, not a reported seed), since one rule solves every
+# prompt; GRESO's premise is that zero-variance prompts stay so, and the issue asks for prompts that stay never-solved.
 MULTI_EPOCH = {
-    "pool": 128,
+    "pool": 512,
+    "unanswerable": 0.25,
     "budget": 20480,
     "eval_every": 1024,
     "algos": ["trl_grpo", "dapo", "dapo_sr", "grpo_sr"],
@@ -251,6 +259,7 @@ def run_one(job: dict) -> dict:
             settings[key] = value
     args = config_class(**settings)
     train = train[: job["pool"]] if job.get("pool") else train
+    train = unanswerable_pool(train, job.get("unanswerable", 0.0))
     dataset = Dataset.from_dict({"prompt": [prompt for prompt, _ in train], "answer": [answer for _, answer in train]})
     started = time.perf_counter()
     reward = exact_match_reward
@@ -271,6 +280,11 @@ def run_one(job: dict) -> dict:
     rounds = [
         entry["dynamic_sampling/rounds"] for entry in trainer.state.log_history if "dynamic_sampling/rounds" in entry
     ]
+    skipped = [
+        entry["selective_rollout/prompts_skipped"]
+        for entry in trainer.state.log_history
+        if "selective_rollout/prompts_skipped" in entry
+    ]
     # PPO / VAPO: when value pretraining ended (optimizer steps of critic-only training) and the critic's explained
     # variance then (the readiness window's mean), logged once by the trainer.
     pretraining = {
@@ -290,6 +304,7 @@ def run_one(job: dict) -> dict:
         "train_seconds": budget.train_seconds,
         "seconds": time.perf_counter() - started,
         "rounds": statistics.fmean(rounds) if rounds else None,
+        "prompts_skipped": sum(skipped) if skipped else None,
         "value_pretraining": pretraining if pretraining["steps"] is not None else None,
         "ttrl": {metric: _mean_logged(trainer.state.log_history, f"ttrl/{metric}") for metric in TTRL_METRICS}
         if spec.ttrl_ties is not None
@@ -313,6 +328,19 @@ def _mean_logged(log_history: list[dict], metric: str) -> float:
 # ---------------------------------------------------------------------------------------------------------------------
 # Warm starts
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def unanswerable_pool(train: list[tuple[str, str]], share: float) -> list[tuple[str, str]]:
+    """`train` with every prompt at a multiple of `1 / share` given an answer out of reach: the answer three times,
+    longer than the completions' limit (`ANSWER_LENGTH + 3` tokens), so its groups are all wrong at every visit.
+
+    >>> unanswerable_pool([("abc:", "cba"), ("abd:", "dba"), ("abe:", "eba"), ("abf:", "fba")], 0.5)
+    [('abc:', 'cbacbacba'), ('abd:', 'dba'), ('abe:', 'ebaebaeba'), ('abf:', 'fba')]
+    """
+    if not share:
+        return train
+    every = round(1 / share)
+    return [(prompt, answer * 3 if index % every == 0 else answer) for index, (prompt, answer) in enumerate(train)]
 
 
 def zero_variance_share(log_history: list[dict]) -> float:
@@ -486,19 +514,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--setting",
         choices=["default", "multi_epoch"],
         default="default",
-        help="multi_epoch: a pool of 128 prompts seen ~20 times each, TRL GRPO, DAPO, DAPO and GRPO with selective "
-        "rollout; results in results/multi_epoch/ (the READMEs' tables are left as they are)",
+        help="multi_epoch: a pool of 512 prompts (a quarter out of reach) seen ~5 times each, TRL GRPO, DAPO, DAPO "
+        "and GRPO with selective rollout; results in results/multi_epoch/ (the READMEs' tables are left as they are)",
     )
     parser.add_argument("--pool", type=int, default=0, help="training prompts used (0: all)")
+    parser.add_argument(
+        "--unanswerable",
+        type=float,
+        default=0.0,
+        help="share of the training prompts whose answer is out of reach (multi_epoch: 0.25)",
+    )
     parser.add_argument(
         "--workers", type=int, default=1, help="runs in parallel (1 by default: cleaner timings on a shared machine)"
     )
     parser.add_argument("--output-dir", default=None, help="where learning.md and learning.png go")
     args = parser.parse_args(argv)
     preset = MULTI_EPOCH if args.setting == "multi_epoch" else {"algos": DEFAULT_ALGOS, "output_dir": RESULTS_DIR}
-    given = {key for key in ("budget", "eval_every", "pool") if getattr(args, key) != parser.get_default(key)}
+    presettable = ("budget", "eval_every", "pool", "unanswerable")
+    given = {key for key in presettable if getattr(args, key) != parser.get_default(key)}
     for key, value in preset.items():
-        if getattr(args, key) is None or (key not in given and key in ("budget", "eval_every", "pool")):
+        if getattr(args, key) is None or (key not in given and key in presettable):
             setattr(args, key, value)
     cycle = 2 * BATCH_SIZE  # ASPO's generation cycle; every budget and grid point should end one
     if args.budget % cycle or args.eval_every % cycle:
@@ -548,6 +583,7 @@ def main(argv: list[str] | None = None) -> None:
                     "eval_every": args.eval_every,
                     "warm_start_accuracy": held_out_accuracy,
                     "pool": args.pool,
+                    "unanswerable": args.unanswerable,
                 }
             )
 
@@ -588,6 +624,10 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         if row["rounds"] is not None:
             notes.append(f"{row['algo']}: dynamic sampling made {row['rounds']:.2f} generation rounds per step.")
+    for algo in algos:
+        skipped = [run["prompts_skipped"] for run in results if run["algo"] == algo and run.get("prompts_skipped")]
+        if skipped:
+            notes.append(f"{algo}: selective rollout skipped {statistics.fmean(skipped):,.0f} prompts per run (mean).")
     for algo in algos:
         runs = sorted((run for run in results if run["algo"] == algo and run.get("value_pretraining")), key=_seed)
         if runs:

@@ -9,7 +9,7 @@ from datasets import Dataset
 from tests.conftest import make_config
 from trl_plus import DAPOConfig, GRPOConfig, GRPOTrainer, PPOConfig, ReMaxConfig, ReMaxTrainer
 from trl_plus.rewards.majority_vote import prompt_key
-from trl_plus.sampling import SelectiveRollout, adapted_exploration, keep_probability
+from trl_plus.sampling import Sampler, SelectiveRollout, adapted_exploration, keep_probability
 from trl_plus.sampling.selective import SIGNAL, SOLVED, UNSOLVED
 from trl_plus.trainer.checkpoints import MissingCheckpointFileError
 from trl_plus.trainer.grpo import GENERATION_COUNTS_FILE, SURPLUS_BUFFER_FILE
@@ -98,6 +98,44 @@ def test_state_dict_round_trip_continues_the_same_decisions(tmp_path):
     assert restored.choose_skipped(["a"] * 50) == rollout.choose_skipped(["a"] * 50)
     with pytest.raises(ValueError, match=r"keys \['exploration', 'generator', 'history', 'reward_range'\]"):
         restored.load_state_dict({"history": {}})
+
+
+def _rows(*prompts: str, group_size: int = 2) -> list[dict]:
+    return [{"prompt": prompt} for prompt in prompts for _ in range(group_size)]
+
+
+def test_sampler_adapts_only_at_steps_whose_prompts_all_came_back():
+    # GRESO adapts p from the second epoch on (`epoch > 0` in the authors' ray_trainer.py): a step that generates a
+    # new prompt, which no history could have skipped, leaves both exploration probabilities as they are.
+    metrics = []
+    sampler = Sampler(
+        group_size=2,
+        num_processes=1,
+        process_index=0,
+        prompt_batches=lambda epoch: [_rows("p0", "p1")] * 20,  # replacements: prompts with a history by then
+        gather_object=lambda local: local,  # one process
+        to_training_batch=lambda batch: batch,
+        old_log_probs=None,
+        log_metric=lambda name, value: metrics.append((name, value)),
+        pad_values={},
+        selective_rollout=SelectiveRollout(target_zero_variance=0.25, exploration=0.5, seed=0),
+    )
+
+    def all_zero(inputs):  # every group zero-variance at reward 0: unsolved (no higher reward seen)
+        return {}, torch.zeros(len(inputs))
+
+    def exploration():
+        return dict(sampler.selective_rollout.exploration)
+
+    sampler.sample(_rows("p0", "p1"), all_zero)  # both prompts new
+    assert exploration() == {SOLVED: 0.5, UNSOLVED: 0.5}
+    sampler.sample(_rows("p0", "p2"), all_zero)  # p0 comes back, p2 is new (p0 may be replaced by p0 or p1)
+    assert exploration() == {SOLVED: 0.5, UNSOLVED: 0.5}  # before: 0.51 / 0.49, adapted on p2's group
+    sampler.sample(_rows("p0", "p1"), all_zero)  # all returning (so are their replacements)
+    # unsolved share 2/2 = 1 >= 2/3 * 0.25: down 0.01; solved share 0 < 1/3 * 0.25: up 0.01
+    assert exploration() == {SOLVED: pytest.approx(0.51), UNSOLVED: pytest.approx(0.49)}
+    logged_unsolved = [value for name, value in metrics if name == "selective_rollout/exploration_unsolved"]
+    assert logged_unsolved == [0.5, 0.5, pytest.approx(0.49)]
 
 
 # ---------------------------------------------------------------------- config
@@ -205,28 +243,39 @@ def test_selective_rollout_skips_only_zero_variance_prompts_and_keeps_the_batch_
     assert {change < 0 for change, _ in adapted} == {True, False}  # both directions: it holds the target
 
 
-def test_selective_rollout_state_is_restored_from_the_checkpoint(plain_and_selective, tiny_model_path, tmp_path):
-    # Not a comparison of whole runs: TRL's RepeatSampler reshuffles differently after a resume past the first epoch
-    # (plain GRPO too), and selective rollout only skips from the second epoch on.
+def test_selective_rollout_resumed_in_its_third_epoch_continues_exactly(
+    plain_and_selective, tiny_model_path, tmp_path
+):
+    # checkpoint-10: epoch 2 of 4 steps, prompts skipped since epoch 1. The resumed run draws the same skips (the
+    # history, exploration probabilities and generator restored), the same replacements (the extra-prompt stream's
+    # position) and the same epoch order (EpochOrder), so it generates and trains exactly as the uninterrupted run.
     _, selective = plain_and_selective
     checkpoint = f"{selective.args.output_dir}/checkpoint-10"
     saved = torch.load(f"{checkpoint}/{SURPLUS_BUFFER_FILE}", weights_only=True)
     assert set(saved) == {"surplus_buffer", "prompt_stream", "selective_rollout"}
     assert set(saved["selective_rollout"]["history"]) == {prompt_key(prompt) for prompt in PROMPTS_A + PROMPTS_B}
-    args = make_config(GRPOConfig, tmp_path, max_steps=11, selective_rollout=True, selective_rollout_exploration=0.2)
+    assert sum(logged(selective, "selective_rollout/prompts_skipped")[10:]) > 0  # skipping after the resume point
+    args = make_config(
+        GRPOConfig, tmp_path, max_steps=STEPS, selective_rollout=True, selective_rollout_exploration=0.2
+    )
     resumed = RoundRecorder(
         model=tiny_model_path,
         reward_funcs=position_reward,
         args=args,
         train_dataset=Dataset.from_dict({"prompt": PROMPTS_A + PROMPTS_B}),
     )
-    resumed.create_optimizer_and_scheduler(num_training_steps=11)
-    resumed._load_optimizer_and_scheduler(checkpoint)
-    restored = resumed._sampler.state_dict()["selective_rollout"]
-    assert restored["history"] == saved["selective_rollout"]["history"]
-    assert restored["exploration"] == saved["selective_rollout"]["exploration"]
-    assert torch.equal(restored["generator"], saved["selective_rollout"]["generator"])
-    assert resumed._generation_counter.completions == 10 * 8  # 10 steps of 8 completions, continued
+    resumed.train(resume_from_checkpoint=checkpoint)
+    assert resumed.rounds == selective.rounds[10:]
+    for key in ("grad_norm", "selective_rollout/exploration_unsolved", "selective_rollout/prompts_skipped"):
+        assert logged(resumed, key)[10:] == pytest.approx(logged(selective, key)[10:], abs=1e-6), key
+    assert logged(resumed, "generation/completions")[10:] == logged(selective, "generation/completions")[10:]
+    final = resumed._sampler.state_dict()["selective_rollout"]
+    expected = selective._sampler.state_dict()["selective_rollout"]
+    assert final["history"] == expected["history"] and final["exploration"] == expected["exploration"]
+    assert torch.equal(final["generator"], expected["generator"])
+    expected_params = dict(selective.model.named_parameters())
+    for name, param in resumed.model.named_parameters():
+        assert (param - expected_params[name]).abs().max().item() <= 1e-6, name
 
 
 def test_selective_rollout_with_dynamic_sampling_fills_the_batch_with_signal(tiny_model_path, tmp_path):

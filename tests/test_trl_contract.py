@@ -121,6 +121,17 @@ def test_init_binds_the_datasets_and_environment_by_name():
     assert {"train_dataset", "eval_dataset", "environment_factory"} <= set(_parameter_names(trl.GRPOTrainer.__init__))
 
 
+def test_train_sampler_draws_one_permutation_of_its_generator_per_pass():
+    # trl_plus.trainer.epoch_order.EpochOrder rewinds `generator` to its seeded state and replays `epoch` of these
+    # draws; transformers calls its `set_epoch` before each epoch (tests/test_epoch_order.py resumes through it).
+    assert _parameter_names(trl.GRPOTrainer._get_train_sampler) == ["self", "dataset"]
+    sampler = RepeatSampler(range(6), mini_repeat_count=2, batch_size=3, seed=1)
+    assert sampler.shuffle and sampler.num_samples == 6
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        assert list(sampler)[::2] == torch.randperm(6, generator=generator).tolist()
+
+
 def test_repeat_sampler_drops_a_partial_batch():
     # A dataset smaller than one batch of prompts gives no batch at all: trl_plus raises for it at construction.
     assert len(RepeatSampler(range(3), mini_repeat_count=4, batch_size=4)) == 0

@@ -195,7 +195,6 @@ class Sampler:
             rows = [row for process_rows in self._gather_object([candidates]) for row in process_rows]
             groups = [rows[start : start + group_size] for start in range(0, len(rows), group_size)]
             keys = [prompt_key(group[0].get("prompt")) for group in groups]
-            step.saw_history |= any(self.selective_rollout.has_history(key) for key in keys)
             for group, key, skip in zip(groups, keys, self.selective_rollout.choose_skipped(keys), strict=True):
                 (skipped if skip else kept).append((key, group))
             if len(kept) >= num_groups:
@@ -204,6 +203,7 @@ class Sampler:
         forced = skipped[: num_groups - len(chosen)]  # short of kept prompts: generate skipped ones after all
         step.num_skipped += len(skipped) - len(forced)
         chosen += forced
+        step.all_returning &= all(self.selective_rollout.has_history(key) for key, _ in chosen)
         rows = [row for _, group in chosen for row in group]
         start = self.process_index * local_size
         return rows[start : start + local_size], [key for key, _ in chosen]
@@ -227,7 +227,10 @@ class Sampler:
         log("sampling/completions_per_trained_group", step.num_groups * self.group_size / max(num_trained_groups, 1))
         if self.selective_rollout is None:
             return
-        if step.saw_history:  # GRESO adapts from its second epoch: until a prompt comes back, nothing is skipped
+        # GRESO adapts from its second epoch on (`epoch > 0` in the authors' ray_trainer.py), when every generated
+        # prompt has a history the filter can act on: here, at the steps that generated only returning prompts.
+        # Adapting earlier would count groups the filter could not have skipped and drive p to its floor first.
+        if step.all_returning:
             self.selective_rollout.adapt(step.outcomes)
         log("selective_rollout/prompts_skipped", step.num_skipped)
         log("selective_rollout/exploration_solved", self.selective_rollout.exploration[SOLVED])
@@ -261,7 +264,7 @@ class _Step:
         self.num_groups = 0
         self.num_zero_variance = 0
         self.num_skipped = 0
-        self.saw_history = False
+        self.all_returning = True  # every prompt generated in the step had a history before it was chosen
         self.outcomes: list[int] = []
 
 

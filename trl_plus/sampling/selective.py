@@ -6,8 +6,9 @@ group was zero-variance in one epoch tends to stay so in the next, and skips it 
 number of consecutive zero-variance groups of the prompt (its streak) and `p` an exploration probability. The keep
 probability never drops below a floor, so no prompt is skipped forever. There are two exploration probabilities, one
 for *solved* prompts (the group's common reward is high) and one for *unsolved* ones (low), each nudged by a fixed step
-after every training step to hold its share of zero-variance groups among the generated ones at a target: down (skip
-more) when the share is at or above the target, up (skip less) when below.
+after every training step whose prompts all had a history (GRESO: from the second epoch on; see `Sampler`) to hold
+its share of zero-variance groups among the generated ones at a target: down (skip more) when the share is at or
+above the target, up (skip less) when below.
 
 The constants follow the authors' code (Infini-AI-Lab/GRESO, `verl/trainer/ttis/presampling_selector.py` and
 `verl/trainer/ppo/ray_trainer.py`): keep floor 0.01, step 0.01, `p` clipped to [0.05, 0.95], the target share `alpha`

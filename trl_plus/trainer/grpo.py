@@ -55,6 +55,7 @@ from ..sampling import (
 )
 from .checkpoints import read_file, read_json, read_sections, read_torch, reading, section_states
 from .entropy_bonus import apply_entropy_bonus
+from .epoch_order import EpochOrder
 from .field_types import check_field_types
 from .nonfinite import NonFiniteStepGuard, NonFiniteTrainingError
 
@@ -262,7 +263,8 @@ class GRPOConfig(trl.GRPOConfig):
             "help": "GRESO selective rollout (arXiv 2506.02177): before generating, skip a prompt whose last z groups "
             "all had equal rewards with probability 1 - max(p^z, 0.01), and replace it by a prompt of the "
             "extra-prompt stream, so a step still gets its number of groups. The exploration probability p (one for "
-            "solved prompts, one for unsolved ones) adapts by 0.01 per step, within [0.05, 0.95], to hold "
+            "solved prompts, one for unsolved ones) adapts by 0.01 per step whose prompts all came back (GRESO: from "
+            "the second epoch), within [0.05, 0.95], to hold "
             "`selective_rollout_target` zero-variance groups among the generated ones. Works with and without "
             "dynamic_sampling. Needs num_generations >= 2 (a group of one has no variance) and a map-style dataset."
         },
@@ -881,6 +883,11 @@ class GRPOTrainer(trl.GRPOTrainer):
             sampler_fn=lambda _dataset: sampler,
             is_training=True,
         )
+
+    def _get_train_sampler(self, dataset=None):
+        """TRL's sampler, whose order of each epoch a resumed run reproduces (see `EpochOrder`)."""
+        sampler = super()._get_train_sampler(dataset)
+        return EpochOrder(sampler) if isinstance(sampler, RepeatSampler) else sampler
 
     # ------------------------------------------------------------------ generation accounting
     def _generate(self, prompts: list):

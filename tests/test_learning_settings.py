@@ -1,0 +1,47 @@
+"""`benchmarks/learning.py`'s multi-epoch setting: the issue's conditions on its prompt pool hold."""
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from trl_plus.demo import ANSWER_LENGTH, exact_match_reward, reverse_task
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "learning.py"
+
+
+@pytest.fixture(scope="module")
+def learning():
+    spec = importlib.util.spec_from_file_location("learning", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["learning"] = module  # dataclasses resolve their module
+    environment = dict(os.environ)  # the script sets thread and Hub variables for its own runs
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules["learning"]
+        os.environ.clear()
+        os.environ.update(environment)
+    return module
+
+
+def test_every_prompt_of_the_pool_is_visited_at_least_4_times(learning):
+    preset = learning.MULTI_EPOCH
+    visits = preset["budget"] / learning.NUM_GENERATIONS / preset["pool"]  # 20,480 / 8 / 512 = 5
+    assert visits == 5
+
+
+def test_a_quarter_of_the_pool_can_never_be_solved(learning):
+    train, _ = reverse_task()
+    pool = learning.unanswerable_pool(train[: learning.MULTI_EPOCH["pool"]], learning.MULTI_EPOCH["unanswerable"])
+    changed = [index for index, (kept, original) in enumerate(zip(pool, train, strict=False)) if kept != original]
+    assert changed == list(range(0, 512, 4))  # 128 prompts, every 4th
+    longest = ANSWER_LENGTH + 3  # run_one's max_completion_length, in characters (one token each)
+    for index in changed:
+        prompt, answer = pool[index]
+        assert prompt == train[index][0] and answer == train[index][1] * 3 and len(answer) > longest
+        # no completion within the limit matches: the longest prefix of the answer itself scores 0
+        assert exact_match_reward([answer[:longest]], [answer]) == [0.0]
+    assert learning.unanswerable_pool(train[:8], 0.0) == train[:8]
