@@ -5,7 +5,8 @@ With default settings nothing here runs: advantages and loss are TRL's own, so t
 
 - `_generate_and_score_completions`: replaces TRL's GRPO advantages with the configured estimator, computed on the
   rewards of the whole global batch before this process's slice is taken (groups can straddle processes), then folds
-  KL into the token reward and whitens over the global batch where the estimator asks for it.
+  KL into the token reward and whitens over the global batch where the estimator asks for it; then applies PF-PPO's
+  policy filtration (`trainer/policy_filtration.py`) and AEPO's regularizer rows (`trainer/aepo.py`) where configured.
 - `_compute_loss`: for the loss types TRL lacks (or TRL's PPO-clip types with a trl_plus modifier: dual-clip, another
   KL estimator or placement, an explicit aggregation), computes the loss from the `POLICY_LOSSES`, `KL_ESTIMATORS` and
   `AGGREGATIONS` registries; every other configuration goes to TRL's `_compute_loss` unchanged.
@@ -142,8 +143,9 @@ class GRPOConfig(trl.GRPOConfig):
 
     Fields added (see `../shared/ALGORITHMS.md` for the math): `advantage_estimator`, the `loss_type` values `aspo`,
     `clip_cov`, `kl_cov`, `gppo` and `ce_gppo`, `dual_clip_c`, `kl_estimator`, `kl_in_reward`, `loss_aggregation`,
-    `entropy_advantage_alpha` / `entropy_advantage_kappa` and the hyperparameters of ASPO, Clip-Cov, KL-Cov and
-    CE-GPPO. TRL's own loss options (entropy bonus, top_entropy_quantile, off_policy_mask_threshold, delta,
+    `entropy_advantage_alpha` / `entropy_advantage_kappa`, `policy_filtration` (PF-PPO), `aepo_target_entropy` and
+    the other `aepo_*` fields (AEPO), and the hyperparameters of ASPO, Clip-Cov, KL-Cov and CE-GPPO. TRL's own loss
+    options (entropy bonus, top_entropy_quantile, off_policy_mask_threshold, delta,
     use_bias_correction_kl, importance_sampling_level) keep their meaning with every trl_plus loss, or are refused
     at construction where the combination has none.
     """
@@ -266,8 +268,8 @@ class GRPOConfig(trl.GRPOConfig):
         default=60,
         metadata={
             "help": "AEPO: most rows of a generation batch (over all processes) replaced by rewarded regularizer "
-            "samples, the authors' reinforce_sample_num (60 of their 2,560-row batches; they advise as few as keep "
-            "the entropy at its target)."
+            "samples, the authors' reinforce_sample_num (60 of their 2,560-row batches; they advise the fewest that "
+            "keep the entropy at its target)."
         },
     )
     aepo_prompt_fraction: float = field(
