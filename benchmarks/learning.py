@@ -33,12 +33,14 @@ flattened: final accuracy then compares where the runs end up, and samples-to-ta
 there (at half that budget most runs are still climbing, and the final column would measure speed twice).
 
 Writes `benchmarks/results/learning.md` (the table) and `benchmarks/results/learning.png` (mean accuracy vs generated
-samples per algorithm, with a +-1 std band over seeds), and puts the table between the results markers of
-`benchmarks/README.md` and of the project's README.
+samples per algorithm, with a +-1 std band over seeds) and `runs.json` (every run's measurements and curves), and puts
+the table between the results markers of `benchmarks/README.md` and of the project's README. `--setting entropy` also
+writes `entropy.png` (token entropy vs generated samples).
 """
 
 import argparse
 import datetime
+import json
 import logging
 import multiprocessing
 import os
@@ -353,8 +355,15 @@ def entropy_table(results: list[dict], algos: list[str]) -> str:
     return "\n".join(lines)
 
 
+def entropy_at(curve: list[tuple[int, float]], x: float) -> float:
+    """Entropy at `x` generated completions: linear between logged steps, the first step's before it (an AEPO step
+    generates more than 64 completions, so its first point comes later than the others')."""
+    return curve[0][1] if x < curve[0][0] else interpolate(curve, x)
+
+
 def plot_entropy(results: list[dict], algos: list[str], budget: int, path: str) -> None:
-    """Mean token entropy vs generated completions per algorithm, mean ± std over seeds, log scale."""
+    """Token entropy vs generated completions per algorithm: the mean over seeds, a band from the lowest to the
+    highest seed, log scale."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -367,12 +376,12 @@ def plot_entropy(results: list[dict], algos: list[str], budget: int, path: str) 
         runs = [run for run in results if run["algo"] == algo and run["entropy_curve"]]
         if not runs:
             continue
-        curves = np.array([[interpolate(run["entropy_curve"], x) for x in grid] for run in runs])
-        mean = curves.mean(axis=0)
-        std = curves.std(axis=0, ddof=1) if len(runs) > 1 else np.zeros(len(grid))
-        style = dict(color="black", linestyle="--", linewidth=2.2) if algo == "trl_grpo" else dict(linewidth=1.6)
-        (line,) = axes.plot(grid, mean, label=f"{algo} (TRL)" if algo == "trl_grpo" else algo, **style)
-        axes.fill_between(grid, np.maximum(mean - std, 1e-4), mean + std, color=line.get_color(), alpha=0.12)
+        curves = np.array([[entropy_at(run["entropy_curve"], x) for x in grid] for run in runs])
+        # TRL's GRPO dashed and on top: GPPO on policy is exactly GRPO and would hide it.
+        baseline = algo == "trl_grpo"
+        style = dict(color="black", linestyle="--", linewidth=2.2, zorder=3) if baseline else dict(linewidth=1.6)
+        (line,) = axes.plot(grid, curves.mean(axis=0), label=f"{algo} (TRL)" if baseline else algo, **style)
+        axes.fill_between(grid, curves.min(axis=0), curves.max(axis=0), color=line.get_color(), alpha=0.1)
     if "aepo" in algos:
         axes.axhline(AEPO_TARGET_ENTROPY, color="gray", linestyle=":", linewidth=1, label="AEPO target")
     seeds = len({run["seed"] for run in results})
@@ -381,7 +390,7 @@ def plot_entropy(results: list[dict], algos: list[str], budget: int, path: str) 
         ylabel="mean token entropy of the update (nats, log scale)",
         yscale="log",
         xlim=(0, budget),
-        title=f"Token entropy on the demo task (mean ± std over {seeds} seed{'s' * (seeds > 1)})",
+        title=f"Token entropy on the demo task (mean and range over {seeds} seed{'s' * (seeds > 1)})",
     )
     axes.legend(loc="lower left", ncol=2, fontsize=9)
     axes.grid(alpha=0.3, which="both")
@@ -701,6 +710,8 @@ def main(argv: list[str] | None = None) -> None:
             + ("\n![entropy vs generated samples](entropy.png)\n" if args.setting == "entropy" else "")
         )
 
+    with open(os.path.join(args.output_dir, "runs.json"), "w") as runs_file:  # every curve, to re-plot from
+        json.dump(results, runs_file)
     markdown_path = os.path.join(args.output_dir, "learning.md")
     with open(markdown_path, "w") as markdown:
         markdown.write("<!-- written by benchmarks/learning.py -->\n\n" + report("learning.png"))

@@ -56,3 +56,10 @@ def test_entropy_curve_and_table(learning):
     row = learning.entropy_table(runs, ["aepo"]).splitlines()[-1]
     # accuracy (0.5 + 0.7) / 2 = 60%, sample std 14.1%; entropy 0.5 +- 0.141; all-equal share 50% +- 35.4%.
     assert row == "| aepo | 60.0% ± 14.1% | 0.500 ± 0.141 | 50.0% ± 35.4% | 1,280 |"
+
+
+def test_entropy_at_starts_at_the_first_step(learning):
+    # An AEPO step generates 80 completions (64 + its regularizer's 16): before its first point the curve holds the
+    # first step's entropy, between points it is linear, after the last one it holds the last.
+    curve = [(80, 2.0), (160, 1.0)]
+    assert [learning.entropy_at(curve, x) for x in (0, 64, 80, 120, 160, 500)] == [2.0, 2.0, 2.0, 1.5, 1.0, 1.0]
