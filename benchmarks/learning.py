@@ -38,12 +38,14 @@ flattened: final accuracy then compares where the runs end up, and samples-to-ta
 there (at half that budget most runs are still climbing, and the final column would measure speed twice).
 
 Writes `benchmarks/results/learning.md` (the table) and `benchmarks/results/learning.png` (mean accuracy vs generated
-samples per algorithm, with a +-1 std band over seeds), and puts the table between the results markers of
-`benchmarks/README.md` and of the project's README.
+samples per algorithm, with a +-1 std band over seeds) and `runs.json` (every run's measurements and curves), and puts
+the table between the results markers of `benchmarks/README.md` and of the project's README. `--setting entropy` also
+writes `entropy.png` (token entropy vs generated samples).
 """
 
 import argparse
 import datetime
+import json
 import logging
 import multiprocessing
 import operator
@@ -69,6 +71,7 @@ BATCH_SIZE = 64  # completions per optimizer step, as in `trl-plus demo`
 NUM_GENERATIONS = 8
 README_START, README_END = "<!-- learning.py results: start -->", "<!-- learning.py results: end -->"
 KEEP_DEFAULT = object()  # an override that removes a common setting, so the config's own default applies
+AEPO_TARGET_ENTROPY = 0.5  # nats: the entropy setting's AEPO target, the authors' `entropy_base` (see ENTROPY)
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,13 @@ SPECS += [  # GRESO selective rollout (arXiv 2506.02177), measured in the multi-
     # TTRL before the vote/train split: the vote is over the 8 trained completions, a tie goes to the first answer.
     Spec("ttrl_vote8", "trl_plus", "GRPOTrainer", "GRPOConfig", ttrl_ties="first"),
 ]
+SPECS += [  # entropy-collapse remedies (issue 13), measured in the entropy setting
+    Spec("clip_cov", "trl_plus", "GRPOTrainer", "GRPOConfig", {"loss_type": "clip_cov"}),
+    Spec("pf_ppo", "trl_plus", "GRPOTrainer", "GRPOConfig", {"policy_filtration": "best_of_n"}),
+    Spec("aepo", "trl_plus", "GRPOTrainer", "GRPOConfig", {"aepo_target_entropy": AEPO_TARGET_ENTROPY}),
+    Spec("entropy_adv", "trl_plus", "GRPOTrainer", "GRPOConfig", {"entropy_advantage_alpha": 0.4}),
+    Spec("gppo", "trl_plus", "GRPOTrainer", "GRPOConfig", {"loss_type": "gppo"}),
+]
 SPECS_BY_NAME = {spec.name: spec for spec in SPECS}
 # The multi-epoch setting: a pool of 512 training prompts, each visited about 5 times in the budget (2,560 groups of 8
 # samples), so prompts that are always solved or never solved come back and selective rollout has a history to use.
@@ -128,6 +138,19 @@ MULTI_EPOCH = {
     "eval_every": 1024,
     "algos": ["trl_grpo", "dapo", "dapo_sr", "grpo_sr"],
     "output_dir": os.path.join(RESULTS_DIR, "multi_epoch"),
+}
+
+# The entropy setting: the demo's learning rate and half its budget, over which plain GRPO's token entropy falls from
+# ~2 nats at the warm start toward 0 while its groups become all-equal (at 2e-3 and 3e-3 GRPO diverges instead: 0%
+# accuracy, entropy rising). TRL's GRPO and the remedies of issue 13 at their papers' defaults (PF-PPO: best-of-N;
+# AEPO: the authors' target 0.5 nats and 1.2 / 0.8, 60 samples, a quarter of the prompts; entropy-shaped advantages:
+# alpha 0.4, kappa 2; Clip-Cov and GPPO: their registered defaults), with the entropy curve of every run.
+ENTROPY = {
+    "budget": 25600,
+    "eval_every": 1280,
+    "learning_rate": 1e-3,
+    "algos": ["trl_grpo", "clip_cov", "pf_ppo", "aepo", "entropy_adv", "gppo"],
+    "output_dir": os.path.join(RESULTS_DIR, "entropy"),
 }
 
 
@@ -243,7 +266,7 @@ def run_one(job: dict) -> dict:
         per_device_train_batch_size=BATCH_SIZE,
         num_generations=NUM_GENERATIONS,
         max_completion_length=ANSWER_LENGTH + 3,
-        learning_rate=1e-3,
+        learning_rate=job.get("learning_rate") or 1e-3,
         lr_scheduler_type="constant",
         max_steps=10 * job["budget"] // BATCH_SIZE + 10,
         logging_steps=1,
@@ -298,6 +321,7 @@ def run_one(job: dict) -> dict:
         "algo": spec.name,
         "seed": job["seed"],
         "zero_variance": zero_variance_share(trainer.state.log_history),
+        "entropy_curve": entropy_curve(trainer.state.log_history),
         "curve": budget.curve,
         "samples": budget.samples,
         "steps": budget.steps,
@@ -354,6 +378,86 @@ def zero_variance_share(log_history: list[dict]) -> float:
     # A step without a generation (steps_per_generation > 1: ASPO) logs no reward statistics.
     shares = [entry[key or "frac_reward_zero_std"] for entry in entries if (key or "frac_reward_zero_std") in entry]
     return statistics.fmean(shares) if shares else float("nan")
+
+
+def entropy_curve(log_history: list[dict]) -> list[tuple[int, float]]:
+    """(generated completions, mean token entropy of the step's update) per logged step. TRL's trainers log no
+    completion count: their steps are numbered by `BATCH_SIZE` completions each."""
+    entries = [entry for entry in log_history if "loss" in entry and "entropy" in entry]
+    return [
+        (entry.get("generation/completions", index * BATCH_SIZE), entry["entropy"])
+        for index, entry in enumerate(entries, start=1)
+    ]
+
+
+def final_entropy(curve: list[tuple[int, float]], last: int = 10) -> float:
+    """Mean entropy of the last `last` logged steps (one step's entropy is noisy)."""
+    values = [value for _, value in curve[-last:]]
+    return statistics.fmean(values) if values else float("nan")
+
+
+def entropy_table(results: list[dict], algos: list[str]) -> str:
+    """Final accuracy, final entropy and the share of all-equal groups per algorithm (mean ± std over seeds)."""
+    lines = [
+        "| algorithm | final accuracy (mean ± std) | final entropy, nats (mean of the last 10 steps; mean ± std) | "
+        "all-equal groups, share of generated (mean ± std) | samples generated |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for algo in algos:
+        runs = [run for run in results if run["algo"] == algo]
+        accuracy, accuracy_std = _mean_std([run["curve"][-1][1] for run in runs])
+        entropy, entropy_std = _mean_std([final_entropy(run["entropy_curve"]) for run in runs])
+        share, share_std = _mean_std([run["zero_variance"] for run in runs])
+        samples = statistics.fmean(run["samples"] for run in runs)
+        lines.append(
+            f"| {algo} | {accuracy:.1%} ± {accuracy_std:.1%} | {entropy:.3f} ± {entropy_std:.3f} | "
+            f"{share:.1%} ± {share_std:.1%} | {samples:,.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def entropy_at(curve: list[tuple[int, float]], x: float) -> float:
+    """Entropy at `x` generated completions: linear between logged steps, the first step's before it (an AEPO step
+    generates more than 64 completions, so its first point comes later than the others')."""
+    return curve[0][1] if x < curve[0][0] else interpolate(curve, x)
+
+
+def plot_entropy(results: list[dict], algos: list[str], budget: int, path: str) -> None:
+    """Token entropy vs generated completions per algorithm: the mean over seeds, a band from the lowest to the
+    highest seed, log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    grid = np.linspace(BATCH_SIZE, budget, 200)
+    figure, axes = plt.subplots(figsize=(9, 5.5))
+    for algo in algos:
+        runs = [run for run in results if run["algo"] == algo and run["entropy_curve"]]
+        if not runs:
+            continue
+        curves = np.array([[entropy_at(run["entropy_curve"], x) for x in grid] for run in runs])
+        # TRL's GRPO dashed and on top: GPPO on policy is exactly GRPO and would hide it.
+        baseline = algo == "trl_grpo"
+        style = dict(color="black", linestyle="--", linewidth=2.2, zorder=3) if baseline else dict(linewidth=1.6)
+        (line,) = axes.plot(grid, curves.mean(axis=0), label=f"{algo} (TRL)" if baseline else algo, **style)
+        axes.fill_between(grid, curves.min(axis=0), curves.max(axis=0), color=line.get_color(), alpha=0.1)
+    if "aepo" in algos:
+        axes.axhline(AEPO_TARGET_ENTROPY, color="gray", linestyle=":", linewidth=1, label="AEPO target")
+    seeds = len({run["seed"] for run in results})
+    axes.set(
+        xlabel="generated completions",
+        ylabel="mean token entropy of the update (nats, log scale)",
+        yscale="log",
+        xlim=(0, budget),
+        title=f"Token entropy on the demo task (mean and range over {seeds} seed{'s' * (seeds > 1)})",
+    )
+    axes.legend(loc="lower left", ncol=2, fontsize=9)
+    axes.grid(alpha=0.3, which="both")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def multi_epoch_table(rows: list[dict], results: list[dict], reference: str = "trl_grpo") -> tuple[str, float]:
@@ -512,10 +616,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--algos", nargs="+", choices=list(SPECS_BY_NAME), default=None, metavar="ALGO")
     parser.add_argument(
         "--setting",
-        choices=["default", "multi_epoch"],
+        choices=["default", "multi_epoch", "entropy"],
         default="default",
         help="multi_epoch: a pool of 512 prompts (a quarter out of reach) seen ~5 times each, TRL GRPO, DAPO, DAPO "
-        "and GRPO with selective rollout; results in results/multi_epoch/ (the READMEs' tables are left as they are)",
+        "and GRPO with selective rollout; results in results/multi_epoch/. entropy: 25,600 completions per run, TRL "
+        "GRPO and the entropy-collapse remedies (Clip-Cov, PF-PPO, AEPO, entropy-shaped advantages, GPPO), with final "
+        "entropy and entropy curves (entropy.png); results in results/entropy/. Either way the READMEs' tables are "
+        "left as they are.",
+    )
+    parser.add_argument(
+        "--learning-rate", type=float, default=None, help="RL learning rate (default 1e-3, the demo's)"
     )
     parser.add_argument("--pool", type=int, default=0, help="training prompts used (0: all)")
     parser.add_argument(
@@ -529,12 +639,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--output-dir", default=None, help="where learning.md and learning.png go")
     args = parser.parse_args(argv)
-    preset = MULTI_EPOCH if args.setting == "multi_epoch" else {"algos": DEFAULT_ALGOS, "output_dir": RESULTS_DIR}
+    presets = {"multi_epoch": MULTI_EPOCH, "entropy": ENTROPY}
+    preset = presets.get(args.setting, {"algos": DEFAULT_ALGOS, "output_dir": RESULTS_DIR})
     presettable = ("budget", "eval_every", "pool", "unanswerable")
     given = {key for key in presettable if getattr(args, key) != parser.get_default(key)}
     for key, value in preset.items():
         if getattr(args, key) is None or (key not in given and key in presettable):
             setattr(args, key, value)
+    args.learning_rate = args.learning_rate or 1e-3
     cycle = 2 * BATCH_SIZE  # ASPO's generation cycle; every budget and grid point should end one
     if args.budget % cycle or args.eval_every % cycle:
         parser.error(f"--budget and --eval-every must be multiples of {cycle} completions")
@@ -584,6 +696,7 @@ def main(argv: list[str] | None = None) -> None:
                     "warm_start_accuracy": held_out_accuracy,
                     "pool": args.pool,
                     "unanswerable": args.unanswerable,
+                    "learning_rate": args.learning_rate,
                 }
             )
 
@@ -601,7 +714,9 @@ def main(argv: list[str] | None = None) -> None:
             pretraining = f", value pretraining {_pretraining_text(pretraining)}" if pretraining else ""
             print(
                 f"#   [{index}/{len(jobs)}] seed {result['seed']} {result['algo']}: {result['curve'][0][1]:.1%} -> "
-                f"{result['curve'][-1][1]:.1%}, {result['samples']:,} samples, {result['steps']} steps, "
+                f"{result['curve'][-1][1]:.1%}, {result['samples']:,} samples, {result['steps']} steps, entropy "
+                f"{result['entropy_curve'][0][1] if result['entropy_curve'] else float('nan'):.3f} -> "
+                f"{final_entropy(result['entropy_curve']):.3f}, "
                 f"{result['seconds']:.0f} s{pretraining}  [{curve}]",
                 flush=True,
             )
@@ -612,6 +727,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.setting == "multi_epoch":
         extra, reference_final = multi_epoch_table(rows, results)
         table += f"\n\nAt trl_grpo's final accuracy ({reference_final:.1%}):\n\n{extra}"
+    if args.setting == "entropy":
+        table += f"\n\nEntropy at learning rate {args.learning_rate:g}:\n\n{entropy_table(results, algos)}"
     elapsed = time.perf_counter() - started
     notes = [
         f"Seeds {', '.join(map(str, args.seeds))}; warm-start held-out accuracy per seed: "
@@ -662,6 +779,8 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(args.output_dir, exist_ok=True)
     plot_path = os.path.join(args.output_dir, "learning.png")
     plot(results, algos, args.budget, args.eval_every, args.target, plot_path)
+    if args.setting == "entropy":
+        plot_entropy(results, algos, args.budget, os.path.join(args.output_dir, "entropy.png"))
     today = datetime.date.today().isoformat()
 
     def report(image: str) -> str:
@@ -670,8 +789,11 @@ def main(argv: list[str] | None = None) -> None:
             f"{len(args.seeds)} seeds.\n\n{table}\n\n"
             + "".join(f"- {note}\n" for note in notes)
             + f"\n![held-out accuracy vs generated samples]({image})\n"
+            + ("\n![entropy vs generated samples](entropy.png)\n" if args.setting == "entropy" else "")
         )
 
+    with open(os.path.join(args.output_dir, "runs.json"), "w") as runs_file:  # every curve, to re-plot from
+        json.dump(results, runs_file)
     markdown_path = os.path.join(args.output_dir, "learning.md")
     with open(markdown_path, "w") as markdown:
         markdown.write("<!-- written by benchmarks/learning.py -->\n\n" + report("learning.png"))

@@ -46,7 +46,7 @@ def test_every_run_matches_the_definitions(runs):
     kinds = ("advantages", "grad", "loss", "num_items_in_batch", "padding_advantages")
     layouts = [f"{config}/{layout}" for config in script.CONFIGS for layout in script.LAYOUTS]
     expected = {f"{kind}/{config_layout}" for kind in kinds for config_layout in layouts}
-    assert len(expected) == 5 * 4 * 2
+    assert len(expected) == 5 * 5 * 2
     for name, ranks in runs.items():
         for summary, _ in ranks:
             checks = summary["checks"]
@@ -89,10 +89,11 @@ def test_layouts_split_tokens_differently_and_a_group_straddles(runs):
 def test_advantages_equal_single_process_and_do_not_depend_on_the_split(runs, config):
     _, single = runs["single"][0]
     reference = single["results"][config]["groups_in_order"]["advantages"]
-    assert reference.abs().max() > 1.0  # whitened: unit variance over the valid tokens
+    assert reference.abs().max() > 1.0
     mask = single["samples"]["completion_mask"].bool()
-    assert_close(reference[mask].var(unbiased=False), torch.tensor(1.0), atol=1e-5, rtol=0)
-    assert_close(reference[mask].mean(), torch.tensor(0.0), atol=1e-6, rtol=0)
+    if "policy_filtration" not in script.CONFIGS[config]:  # whitened: unit variance over the valid tokens
+        assert_close(reference[mask].var(unbiased=False), torch.tensor(1.0), atol=1e-5, rtol=0)
+        assert_close(reference[mask].mean(), torch.tensor(0.0), atol=1e-6, rtol=0)
     for rank, (_, tensors) in enumerate(runs["two"]):
         for layout in script.LAYOUTS:
             advantages = tensors["results"][config][layout]["advantages"]
@@ -140,6 +141,19 @@ def test_kl_in_reward_and_baseline_change_the_advantages(runs):
     assert tensors["reference"]["reinforce_pp/kl_in_reward"]["kl_max"] > 0.1
     assert (with_kl - plain).abs().max() > 1e-2
     assert (baseline - plain).abs().max() > 1e-1
+
+
+def test_policy_filtration_weighs_each_sample_on_every_split(runs):
+    """PF-PPO's max_random weights (2.0 on each group's best, 0.5 elsewhere, normalized over both processes) are the
+    ratio of the filtered advantages to the plain ones, on every layout and process count."""
+    weights = torch.tensor(script.PF_WEIGHTS).unsqueeze(1)
+    for name, ranks in runs.items():
+        for _, tensors in ranks:
+            for layout in script.LAYOUTS:
+                plain = tensors["results"]["reinforce_pp/token_mean"][layout]["advantages"]
+                filtered = tensors["results"]["reinforce_pp/pf_max_random"][layout]["advantages"]
+                assert_close(filtered, plain * weights, atol=ADVANTAGE_ATOL, rtol=0, msg=f"{name}, {layout}")
+                assert (filtered - plain).abs().max() > 0.5
 
 
 def test_both_processes_hold_the_same_reduced_results(runs):

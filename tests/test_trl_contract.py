@@ -530,3 +530,20 @@ def test_reward_trainer_appends_eos_to_plain_text_pairs_and_keeps_pre_tokenized_
         model = AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=1)
         trainer = trl.RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
         assert trainer.train_dataset[0]["chosen_ids"] == chosen
+
+
+def test_sampling_temperature_attributes_and_entropy_metric(tiny_model_path, prompt_dataset, tmp_path):
+    # AEPO samples its regularizer at another temperature by setting the temperature TRL's generation reads at each
+    # call (`generation_config` for transformers' generate, `generation_kwargs` for continuous batching,
+    # `VLLMGeneration.temperature` for vLLM) while `temperature`, which scales the log-probs' logits, stays; and it
+    # reads the update's entropy from TRL's global `entropy` metric, one value per `_compute_loss` call.
+    trainer = _trl_trainer(tiny_model_path, prompt_dataset, tmp_path, temperature=0.9)
+    assert trainer.temperature == 0.9
+    assert trainer.generation_config.temperature == 0.9 and trainer.generation_kwargs["temperature"] == 0.9
+    generate_source = inspect.getsource(trl.generation.vllm_generation.VLLMGeneration.generate)
+    assert "temperature = self.temperature" in generate_source
+    single_turn_source = inspect.getsource(trl.GRPOTrainer._generate_single_turn)
+    assert "generation_config=self.generation_config" in single_turn_source
+    assert "generation_kwargs=self.generation_kwargs" in single_turn_source
+    loss_source = inspect.getsource(trl.GRPOTrainer._compute_loss)
+    assert 'self._metrics[mode]["entropy"].append(global_masked_mean(entropies))' in loss_source

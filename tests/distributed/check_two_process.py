@@ -22,9 +22,10 @@ by sample id so that layouts and process counts compare directly:
 
 and checks them against a reference computed here from the definitions, on the full batch in one piece and with no
 collective: REINFORCE++ token rewards (arXiv 2501.03262 eq. 3-4: r_i - beta * sum_{s>=t} KL_{i,s}, k3 KL), z-scored
-over all valid tokens with the population variance; token_mean loss = -sum_{i,t} A_{i,t} * ratio_{i,t} / (valid
-tokens of the global batch) with ratio = exp(logp - logp.detach()) = 1 on policy. With 2 processes it also checks
-`masked_whiten` with a `dist.all_reduce` sum against whitening the full batch.
+over all valid tokens with the population variance (PF-PPO's config: then times each sample's filter weight);
+token_mean loss = -sum_{i,t} A_{i,t} * ratio_{i,t} / (valid tokens of the global batch) with
+ratio = exp(logp - logp.detach()) = 1 on policy. With 2 processes it also checks `masked_whiten` with a
+`dist.all_reduce` sum against whitening the full batch.
 
 Writes OUT_DIR/rank{R}.json (summary, every check with its error) and OUT_DIR/rank{R}.pt (the tensors); exits 1 if a
 check fails.
@@ -68,12 +69,23 @@ CONFIGS = {
         "advantage_estimator": "reinforce_pp_baseline",
         "loss_aggregation": "token_mean",
     },
+    # PF-PPO (arXiv 2409.06957) weights from the rewards of whole groups (one straddles the processes), normalized
+    # over the global batch.
+    "reinforce_pp/pf_max_random": {
+        "advantage_estimator": "reinforce_pp",
+        "loss_aggregation": "token_mean",
+        "policy_filtration": "max_random",
+    },
 }
+# max_random per group of REWARDS: 0.4 on the group's best (samples 0 and 3 tie at 1.0; 5; 11), 0.1 on the others;
+# their mean over the 12 kept samples is 2.4 / 12 = 0.2, so the normalized weights are 2.0 and 0.5.
+PF_WEIGHTS = [2.0, 0.5, 0.5, 2.0, 0.5, 2.0, 0.5, 0.5, 0.5, 0.5, 0.5, 2.0]
 EXPECTED_LOSS_PATH = {
     "reinforce_pp/dapo": None,
     "reinforce_pp/token_mean": "ppo_clip",
     "reinforce_pp/kl_in_reward": "ppo_clip",
     "reinforce_pp_baseline/token_mean": "ppo_clip",
+    "reinforce_pp/pf_max_random": "ppo_clip",
 }
 # float32 throughout; observed differences are ~1e-7.
 ADVANTAGE_ATOL = 1e-5
@@ -106,7 +118,10 @@ def reference_advantages(config_name: str, samples, policy_log_probs, ref_log_pr
                 token_rewards[i, t] -= BETA * kl[i, t : COMPLETION_LENGTHS[i]].sum()
     valid = token_rewards[mask]
     mean, std = valid.mean(), valid.std(unbiased=False)
-    return torch.where(mask, (token_rewards - mean) / std, 0.0)
+    advantages = torch.where(mask, (token_rewards - mean) / std, 0.0)
+    if "pf_max_random" in config_name:  # policy filtration weighs the whitened advantages of each sample
+        advantages = advantages * torch.tensor(PF_WEIGHTS).unsqueeze(1)
+    return advantages
 
 
 def reference_loss_and_grad(model, samples, advantages) -> tuple[float, torch.Tensor]:

@@ -14,6 +14,14 @@ from .advantages import (
 )
 from .aggregation import AGGREGATIONS, seq_mean_token_mean, seq_mean_token_sum_norm, token_mean
 from .kl import KL_ESTIMATORS, k1, k2, k3
+from .policy_filtration import (
+    POLICY_FILTERS,
+    best_of_n_weights,
+    max_min_weights,
+    max_random_weights,
+    normalize_filter_weights,
+    pow_weights,
+)
 from .policy_losses import (
     POLICY_LOSSES,
     aspo_loss,
@@ -45,10 +53,12 @@ __all__ = [
     "AGGREGATIONS",
     "GLOBALLY_WHITENED",
     "KL_ESTIMATORS",
+    "POLICY_FILTERS",
     "POLICY_LOSSES",
     "Registry",
     "ValuePretraining",
     "aspo_loss",
+    "best_of_n_weights",
     "call_with_supported",
     "ce_gppo_loss",
     "clip_cov_loss",
@@ -67,6 +77,10 @@ __all__ = [
     "kl_shaped_token_rewards",
     "length_adaptive_lambda",
     "masked_whiten",
+    "max_min_weights",
+    "max_random_weights",
+    "normalize_filter_weights",
+    "pow_weights",
     "ppo_clip_loss",
     "reinforce_pp_advantages",
     "reinforce_pp_baseline_advantages",

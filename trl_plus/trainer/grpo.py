@@ -5,7 +5,8 @@ With default settings nothing here runs: advantages and loss are TRL's own, so t
 
 - `_generate_and_score_completions`: replaces TRL's GRPO advantages with the configured estimator, computed on the
   rewards of the whole global batch before this process's slice is taken (groups can straddle processes), then folds
-  KL into the token reward and whitens over the global batch where the estimator asks for it.
+  KL into the token reward and whitens over the global batch where the estimator asks for it; then applies PF-PPO's
+  policy filtration (`trainer/policy_filtration.py`) and AEPO's regularizer rows (`trainer/aepo.py`) where configured.
 - `_compute_loss`: for the loss types TRL lacks (or TRL's PPO-clip types with a trl_plus modifier: dual-clip, another
   KL estimator or placement, an explicit aggregation), computes the loss from the `POLICY_LOSSES`, `KL_ESTIMATORS` and
   `AGGREGATIONS` registries; every other configuration goes to TRL's `_compute_loss` unchanged.
@@ -34,11 +35,13 @@ from ..algos import (
     AGGREGATIONS,
     GLOBALLY_WHITENED,
     KL_ESTIMATORS,
+    POLICY_FILTERS,
     POLICY_LOSSES,
     call_with_supported,
     kl_penalty_to_go,
     masked_whiten,
 )
+from ..algos.entropy_control import aepo_rewarded
 from ..algos.process_rewards import process_advantages
 from ..rewards import MajorityVoteReward, OverlongPenalty, ProcessReward
 from ..rewards.checks import checked_reward_func, unscore_non_finite
@@ -53,11 +56,14 @@ from ..sampling import (
     greedy_rows_in_generate,
     greedy_rows_in_vllm_colocate,
 )
+from ..sampling.dynamic import split_rows, stack_rows
+from .aepo import AEPOController, regularizer_rows, sampling_temperature
 from .checkpoints import read_file, read_json, read_sections, read_torch, reading, section_states
 from .entropy_bonus import apply_entropy_bonus
 from .epoch_order import EpochOrder
 from .field_types import check_field_types
 from .nonfinite import NonFiniteStepGuard, NonFiniteTrainingError
+from .policy_filtration import filter_batch
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +86,8 @@ _SURPLUS_BUFFER_HOLDS = "dynamic sampling's surplus groups and its position in t
 _SELECTIVE_ROLLOUT_HOLDS = " and selective rollout's history of each prompt"
 GENERATION_COUNTS_FILE = "generation_counts.json"  # {"generation": GenerationCounter.state_dict()}
 _GENERATION_COUNTS_HOLDS = "the counts of completions and tokens generated so far"
+AEPO_STATE_FILE = "aepo_state.json"  # {"aepo": AEPOController.state_dict()}
+_AEPO_STATE_HOLDS = "AEPO's entropy of the last update, which sets the regularizer's temperature"
 NONFINITE_STEPS_FILE = "nonfinite_steps.json"  # {"step_guard": NonFiniteStepGuard.state_dict()}
 _NONFINITE_STEPS_HOLDS = "the counts of optimizer steps skipped for a non-finite loss or gradient norm"
 # Inputs that `_get_per_token_logps_and_entropies` forwards to multimodal models.
@@ -138,8 +146,9 @@ class GRPOConfig(trl.GRPOConfig):
 
     Fields added (see `../shared/ALGORITHMS.md` for the math): `advantage_estimator`, the `loss_type` values `aspo`,
     `clip_cov`, `kl_cov`, `gppo` and `ce_gppo`, `dual_clip_c`, `kl_estimator`, `kl_in_reward`, `loss_aggregation`,
-    `entropy_advantage_alpha` / `entropy_advantage_kappa` and the hyperparameters of ASPO, Clip-Cov, KL-Cov and
-    CE-GPPO. TRL's own loss options (entropy bonus, top_entropy_quantile, off_policy_mask_threshold, delta,
+    `entropy_advantage_alpha` / `entropy_advantage_kappa`, `policy_filtration` (PF-PPO), `aepo_target_entropy` and
+    the other `aepo_*` fields (AEPO), and the hyperparameters of ASPO, Clip-Cov, KL-Cov and CE-GPPO. TRL's own loss
+    options (entropy bonus, top_entropy_quantile, off_policy_mask_threshold, delta,
     use_bias_correction_kl, importance_sampling_level) keep their meaning with every trl_plus loss, or are refused
     at construction where the combination has none.
     """
@@ -224,6 +233,54 @@ class GRPOConfig(trl.GRPOConfig):
             "help": "Entropy-shaped advantages: the bonus is at most |A_t| / kappa, so with kappa > 1 it never flips "
             "an advantage's sign. Must be > 1."
         },
+    )
+    policy_filtration: str | None = field(
+        default=None,
+        metadata={
+            "help": f"PF-PPO policy filtration (arXiv 2409.06957): weigh each completion by its reward's rank in its "
+            f"group; one of {POLICY_FILTERS.names()}, or None (default, off). 'best_of_n': only the group's best "
+            "(the paper's BoN); 'max_min': the best and the worst (the paper's BW); 'max_random': the best 0.4, the "
+            "others 0.1 (verl); 'pow': |reward|^policy_filtration_pow (verl). Applied after any advantage_estimator "
+            "(PPO: after whitening): a completion of weight 0 is not trained on (out of the loss and of every "
+            "normalizer, as if not generated), the others' advantages are multiplied by their weight divided by the "
+            "mean non-zero weight of the generation batch."
+        },
+    )
+    policy_filtration_pow: float = field(
+        default=2.0,
+        metadata={"help": "PF-PPO 'pow' filter: the exponent k of |reward|^k (verl's weight_pow, 2.0). Must be > 0."},
+    )
+    aepo_target_entropy: float | None = field(
+        default=None,
+        metadata={
+            "help": "AEPO (arXiv 2510.08141): hold the policy's mean token entropy (nats) near this target with a "
+            "REINFORCE regularizer instead of an entropy bonus. Each generation batch, the first aepo_prompt_fraction "
+            "of its prompts are sampled again at aepo_temperature_high (entropy of the last update at or below the "
+            "target) or aepo_temperature_low (above it); their samples with advantage > aepo_advantage_threshold "
+            "replace up to aepo_num_samples rows of the batch (half as many above the target) with advantage 1. "
+            "The authors use 0.5 (their script) to 0.75. None (default): off."
+        },
+    )
+    aepo_temperature_high: float = field(
+        default=1.2, metadata={"help": "AEPO: sampling temperature of the regularizer when entropy is low (1.2)."}
+    )
+    aepo_temperature_low: float = field(
+        default=0.8, metadata={"help": "AEPO: sampling temperature of the regularizer when entropy is high (0.8)."}
+    )
+    aepo_num_samples: int = field(
+        default=60,
+        metadata={
+            "help": "AEPO: most rows of a generation batch (over all processes) replaced by rewarded regularizer "
+            "samples, the authors' reinforce_sample_num (60 of their 2,560-row batches; they advise the fewest that "
+            "keep the entropy at its target)."
+        },
+    )
+    aepo_prompt_fraction: float = field(
+        default=0.25,
+        metadata={"help": "AEPO: share of each process's prompts (whole groups) sampled again for the regularizer."},
+    )
+    aepo_advantage_threshold: float = field(
+        default=0.05, metadata={"help": "AEPO: a regularizer sample is rewarded when its advantage is above this."}
     )
     overlong_buffer_len: int | None = field(
         default=None,
@@ -375,6 +432,12 @@ class GRPOConfig(trl.GRPOConfig):
                 f"`entropy_advantage_kappa` is {self.entropy_advantage_kappa}; valid: > 1 (the bonus is at most "
                 "|A| / kappa, so kappa <= 1 could flip a negative advantage's sign)."
             )
+        if self.policy_filtration is not None:
+            _check_choice("policy_filtration", self.policy_filtration, POLICY_FILTERS.names())
+        if self.policy_filtration_pow <= 0:
+            raise ValueError(
+                f"`policy_filtration_pow` is {self.policy_filtration_pow}; valid: > 0 (the weight is |reward|^k)."
+            )
         if self.advantage_estimator == "rloo" and self.num_generations is not None and self.num_generations < 2:
             raise ValueError(
                 f"advantage_estimator='rloo' needs num_generations >= 2 (the baseline of a completion is the mean "
@@ -397,7 +460,29 @@ class GRPOConfig(trl.GRPOConfig):
                 "`multi_objective_aggregation='sum_then_normalize'`."
             )
 
+    def _validate_aepo(self) -> None:
+        if self.aepo_target_entropy < 0:
+            raise ValueError(f"`aepo_target_entropy` is {self.aepo_target_entropy}; valid: >= 0 (nats) or None.")
+        if not 0 < self.aepo_temperature_low < self.aepo_temperature_high:
+            raise ValueError(
+                f"`aepo_temperature_low` ({self.aepo_temperature_low}) and `aepo_temperature_high` "
+                f"({self.aepo_temperature_high}); valid: 0 < low < high (high raises the entropy, low lowers it)."
+            )
+        if self.aepo_num_samples < 1:
+            raise ValueError(f"`aepo_num_samples` is {self.aepo_num_samples}; valid: an int >= 1.")
+        if not 0 < self.aepo_prompt_fraction <= 1:
+            raise ValueError(f"`aepo_prompt_fraction` is {self.aepo_prompt_fraction}; valid: 0 < x <= 1.")
+        rows_per_process = self.per_device_train_batch_size * self.steps_per_generation
+        if self.num_generations is not None and rows_per_process % self.num_generations:
+            raise ValueError(
+                f"`aepo_target_entropy` is set and each process's generation batch ({rows_per_process} rows: "
+                f"per_device_train_batch_size x steps_per_generation) does not hold whole groups of num_generations "
+                f"{self.num_generations}; valid: a multiple of num_generations (AEPO resamples whole groups)."
+            )
+
     def _validate_combinations(self) -> None:
+        if self.aepo_target_entropy is not None:  # after TRL's __post_init__ has set steps_per_generation
+            self._validate_aepo()
         if self.registry_policy_loss is None:
             return
         if self.loss_type not in (*_PPO_CLIP_AGGREGATION, *NEW_LOSS_TYPES):
@@ -439,6 +524,19 @@ class GRPOConfig(trl.GRPOConfig):
                 None if self.overlong_buffer_len is not None else "overlong_buffer_len is None (no overlong shaping)"
             ),
             "scale_rewards": self._scale_rewards_ignored_because,
+            **{
+                name: None if self.aepo_target_entropy is not None else "aepo_target_entropy is None (AEPO is off)"
+                for name in (
+                    "aepo_temperature_high",
+                    "aepo_temperature_low",
+                    "aepo_num_samples",
+                    "aepo_prompt_fraction",
+                    "aepo_advantage_threshold",
+                )
+            },
+            "policy_filtration_pow": (
+                None if self.policy_filtration == "pow" else f"policy_filtration is {self.policy_filtration!r}"
+            ),
             "entropy_advantage_kappa": (
                 None if self.entropy_advantage_alpha > 0 else "entropy_advantage_alpha is 0 (no entropy shaping)"
             ),
@@ -545,6 +643,11 @@ class GRPOTrainer(trl.GRPOTrainer):
         ]
         self._warned_non_finite_rewards = set()
         self._step_guard = NonFiniteStepGuard(args.max_consecutive_nonfinite_steps)
+        self._aepo = None
+        if args.aepo_target_entropy is not None:
+            self._aepo = AEPOController(
+                args.aepo_target_entropy, args.aepo_temperature_high, args.aepo_temperature_low, args.aepo_num_samples
+            )
         self._generation_counter = GenerationCounter()
         self._sampler = self._make_sampler() if args.dynamic_sampling or args.selective_rollout else None
         self._policy_loss_hyperparameters = {
@@ -652,6 +755,53 @@ class GRPOTrainer(trl.GRPOTrainer):
                 self._metrics[mode][f"rewards/{name}/non_finite"].append(count)
 
     def _generate_and_score_completions(self, inputs):
+        output = self._scored_batch(inputs)
+        if "policy_filter_weight" in output:
+            kept = filter_batch(
+                output, output.pop("policy_filter_weight"), self._all_reduce_sum, self.accelerator.gather
+            )
+            self._metrics["train"]["policy_filtration/kept_fraction"].append(kept)
+        if self._aepo is not None and self.model.training:
+            output = self._with_aepo_regularizer(inputs, output)
+        return output
+
+    def _with_aepo_regularizer(self, inputs: list, output: dict) -> dict:
+        """AEPO (arXiv 2510.08141; `trl_plus.trainer.aepo`): resample the first prompts at the regulated temperature
+        and put their rewarded samples, with advantage 1, in place of the batch's first rows."""
+        args, metrics = self.args, self._metrics["train"]
+        temperature = self._aepo.next_temperature()
+        num_groups = max(1, int(args.aepo_prompt_fraction * len(inputs) // self.num_generations))
+        with sampling_temperature(self, temperature):
+            regularizer = self._generate_and_score_round(inputs[: num_groups * self.num_generations])
+        for key in ("is_scored", "policy_filter_weight"):  # the regularizer's rows are neither whitened nor filtered
+            regularizer.pop(key, None)
+        rewarded = aepo_rewarded(regularizer["advantages"], args.aepo_advantage_threshold)
+        rewarded &= (regularizer["completion_mask"] * regularizer.get("tool_mask", 1)).sum(1) > 0  # ReMax's greedy
+        counts = self.accelerator.gather(rewarded.sum().reshape(1)).tolist()
+        total = self._aepo.num_regularizer_samples(sum(counts))
+        before = sum(counts[: self.accelerator.process_index])
+        local = max(0, min(counts[self.accelerator.process_index], total - before))  # the first `total`, rank order
+        num_rows = output["completion_ids"].size(0)
+        rows = split_rows(output, num_rows)
+        dropped = set(output) - set(rows[0]) - {"num_items_in_batch"}
+        if dropped:
+            raise ValueError(f"AEPO replaces rows of the batch and cannot carry its non-row inputs {sorted(dropped)}.")
+        new_rows = regularizer_rows(
+            split_rows(regularizer, regularizer["completion_ids"].size(0)),
+            rewarded,
+            local,
+            token_advantages=output["advantages"].dim() == 2,
+        )
+        batch = self._to_training_batch(stack_rows(new_rows + rows[local:], self._pad_values))
+        metrics["aepo/entropy"].append(self._aepo.entropy)
+        metrics["aepo/target_entropy"].append(self._aepo.target)
+        metrics["aepo/temperature"].append(temperature)
+        metrics["aepo/regularizer_samples"].append(total)
+        metrics["aepo/rewarded_fraction"].append(sum(counts) / (len(rewarded) * self.accelerator.num_processes))
+        return batch
+
+    def _scored_batch(self, inputs):
+        """The generation batch with its final advantages (after any sampler and global whitening)."""
         mode = "train" if self.model.training else "eval"
         if self._sampler is not None and mode == "train":
             output = self._sampler.sample(inputs, self._generate_and_score_globally)
@@ -679,6 +829,14 @@ class GRPOTrainer(trl.GRPOTrainer):
             self._log_advantages(output)  # TRL logged this round's rows with its own GRPO advantages
         if self.args.advantage_estimator == "remax":
             self._mask_greedy_rows(output)
+        if self.args.policy_filtration is not None and self.model.training:  # per row: the sampler regroups rows
+            all_weights = call_with_supported(
+                POLICY_FILTERS.get(self.args.policy_filtration),
+                self._global_rewards(),
+                self.num_generations,
+                weight_pow=self.args.policy_filtration_pow,
+            )
+            output["policy_filter_weight"] = self._local_rows(all_weights, output)
         if self.args.advantage_estimator in GLOBALLY_WHITENED:  # kept per row: dynamic sampling regroups rows
             output["is_scored"] = ~torch.isnan(self._local_rows(self._global_rewards(), output))
         return output
@@ -927,6 +1085,9 @@ class GRPOTrainer(trl.GRPOTrainer):
             json.dump(section_states({"step_guard": self._step_guard}), file)
         with open(os.path.join(checkpoint_dir, GENERATION_COUNTS_FILE), "w") as file:
             json.dump(section_states({"generation": self._generation_counter}), file)
+        if self._aepo is not None:
+            with open(os.path.join(checkpoint_dir, AEPO_STATE_FILE), "w") as file:
+                json.dump(section_states({"aepo": self._aepo}), file)
         if self._sampler is not None:
             torch.save(self._sampler.state_dict(), os.path.join(checkpoint_dir, SURPLUS_BUFFER_FILE))
 
@@ -942,6 +1103,8 @@ class GRPOTrainer(trl.GRPOTrainer):
                 read_json,
                 {"generation": self._generation_counter},
             )
+            if self._aepo is not None:
+                read_sections(checkpoint, AEPO_STATE_FILE, _AEPO_STATE_HOLDS, read_json, {"aepo": self._aepo})
         if self._sampler is not None and checkpoint is not None:
             state = read_file(checkpoint, SURPLUS_BUFFER_FILE, self._sampler_holds, read_torch)
             with reading(checkpoint, SURPLUS_BUFFER_FILE, self._sampler_holds):
@@ -998,8 +1161,12 @@ class GRPOTrainer(trl.GRPOTrainer):
     # ------------------------------------------------------------------ loss
     def _compute_loss(self, model, inputs):
         if self.args.registry_policy_loss is None:
-            return super()._compute_loss(model, inputs)
-        return self._compute_registry_loss(model, inputs)
+            loss = super()._compute_loss(model, inputs)
+        else:
+            loss = self._compute_registry_loss(model, inputs)
+        if self._aepo is not None and self.model.training:  # the update's entropy, which sets the next temperature
+            self._aepo.observe(self._metrics["train"]["entropy"][-1])
+        return loss
 
     def _compute_registry_loss(self, model, inputs):
         args = self.args

@@ -7,8 +7,8 @@ these hooks (all but `_compute_advantages` wrap `super()`):
   `_replaces_trl_advantages` is True): after TRL generated and scored, the critic gives the old values V(s_t) of every
   completion token (no gradient), the sequence score goes on the last token and -beta * KL on every token
   (InstructGPT, arXiv 2203.02155 eq. 2), and GAE (arXiv 1506.02438) turns them into token advantages `(B, T)` and
-  value targets. `_generate_and_score_completions` then whitens the advantages over the global batch and updates the
-  KL controller (arXiv 1909.08593) once per generation batch.
+  value targets. `_scored_batch` (the parent's generation batch, before policy filtration) then whitens the
+  advantages over the global batch and updates the KL controller (arXiv 1909.08593) once per generation batch.
 - `_compute_loss`: the critic's clipped value loss (critic forward with only the critic adapter active) plus the
   policy loss, `super()._compute_loss` (TRL's or the registry's PPO clip on the token advantages), plus VAPO's
   positive-example NLL: one loss, policy + vf_coef * value, and one backward by the Trainer.
@@ -392,6 +392,12 @@ class PPOConfig(GRPOConfig):
                 raise ValueError(message)
 
         check(self.num_generations is None or self.num_generations >= 1, "`num_generations` must be >= 1.")
+        check(
+            self.aepo_target_entropy is None,
+            f"`aepo_target_entropy` is {self.aepo_target_entropy}; valid with PPO: None. AEPO's regularizer rows take "
+            "advantage 1 in place of GAE's, which the critic's value targets and the whitening do not account for; "
+            "use it with the GRPO-family trainers.",
+        )
         check(0.0 <= self.gamma <= 1.0, f"`gamma` must be in [0, 1], got {self.gamma}.")
         check(0.0 <= self.lam <= 1.0, f"`lam` must be in [0, 1], got {self.lam}.")
         check(
@@ -930,8 +936,8 @@ class PPOTrainer(GRPOTrainer):
             metrics["reward_norm/clipfrac"].append((clipped.sum() / scored.sum().clamp(min=1)).item())
         return normalized
 
-    def _generate_and_score_completions(self, inputs):
-        output = super()._generate_and_score_completions(inputs)
+    def _scored_batch(self, inputs):
+        output = super()._scored_batch(inputs)
         args = self.args
         mode = "train" if self.model.training else "eval"
         mask = (output["completion_mask"] * output.get("tool_mask", 1)).float() * output["scored"].unsqueeze(1)
