@@ -118,6 +118,7 @@ from .checkpoints import (
 )
 from .field_types import check_field_types
 from .grpo import GRPOConfig, GRPOTrainer
+from .sharding import forward_through_root, load_full_state
 from .vllm_sync import send_policy_only
 
 logger = logging.getLogger(__name__)
@@ -480,13 +481,6 @@ class PPOTrainer(GRPOTrainer):
         if args is not None and not isinstance(args, PPOConfig):
             raise TypeError(f"{type(self).__name__} needs a trl_plus.PPOConfig (or VAPOConfig), got {type(args)}.")
         super().__init__(model, reward_funcs, args, *positional, **kwargs)
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise NotImplementedError(
-                "PPOTrainer supports single-process and DDP training: its critic forward calls the critic's body and "
-                "value head outside the prepared model's forward, where DeepSpeed ZeRO-3 and FSDP would not gather "
-                "the parameters sharded in the root module (the value head), and resuming a sharded critic is not "
-                "wired yet."
-            )
         if getattr(self, "_process_reward", None) is not None:
             raise NotImplementedError("PPOTrainer scores whole completions; process (step) rewards are not supported.")
         self._kl_controller = (
@@ -518,7 +512,7 @@ class PPOTrainer(GRPOTrainer):
                 "for the LoRA critic, which shares the policy's base weights."
             )
         self._uses_lora_critic = value_model is None
-        self._policy_params = [param for param in model.parameters() if param.requires_grad]
+        self._policy_param_names = {name for name, param in model.named_parameters() if param.requires_grad}
         device = next(model.parameters()).device
         with torch.random.fork_rng(devices=[]):
             # The same initial critic on every process and in every run; seed + 1 so that the critic adapter does not
@@ -540,8 +534,19 @@ class PPOTrainer(GRPOTrainer):
                 return name.startswith(f"{VALUE_HEAD}.") or f".{CRITIC_ADAPTER}." in name
             return name.startswith(f"{VALUE_MODEL}.")
 
-        self._critic_params = [param for name, param in model.named_parameters() if is_critic(name)]
+        self._critic_param_names = {name for name, _ in model.named_parameters() if is_critic(name)}
         self._restore_trainable()
+
+    # FSDP2 replaces every parameter by a sharded one when it prepares the model: look them up by name.
+    @property
+    def _policy_params(self) -> list[nn.Parameter]:
+        model = self.accelerator.unwrap_model(self.model)
+        return [param for name, param in model.named_parameters() if name in self._policy_param_names]
+
+    @property
+    def _critic_params(self) -> list[nn.Parameter]:
+        model = self.accelerator.unwrap_model(self.model)
+        return [param for name, param in model.named_parameters() if name in self._critic_param_names]
 
     def _add_lora_critic(self, model, critic_peft_config, device) -> None:
         if critic_peft_config is None:
@@ -638,8 +643,9 @@ class PPOTrainer(GRPOTrainer):
             disable_gradient_checkpointing(value_model, gc_kwargs) if value_model is not None else nullcontext(),
             self._critic_active(model),
         ):
+            forward = partial(self._critic_forward, model, num_completion_tokens=num_completion_tokens)
             values = [
-                self._critic_forward(model, input_ids[rows], attention_mask[rows], num_completion_tokens)
+                forward_through_root(self.model_wrapped, model, forward, input_ids[rows], attention_mask[rows])
                 for rows in (slice(start, start + chunk) for start in range(0, input_ids.size(0), chunk))
             ]
         return torch.cat(values, dim=0)
@@ -937,9 +943,8 @@ class PPOTrainer(GRPOTrainer):
             # recomputed in the backward, after the policy's graph (created later, so traversed first) is freed: the
             # peak memory stays near GRPO's, for one more critic forward. Checkpointed layers inside it recompute
             # with the critic adapter too (`adapter_checkpointing`).
-            values = activation_checkpoint(forward, input_ids, attention_mask, use_reentrant=False)
-        else:
-            values = forward(input_ids, attention_mask)
+            forward = partial(activation_checkpoint, forward, use_reentrant=False)
+        values = forward_through_root(model, unwrapped, forward, input_ids, attention_mask)
         # The sum over valid tokens (num_tokens = 1), then this micro-batch's share of the global count.
         loss_sum, clipfrac = clipped_value_loss(
             values, inputs["old_values"], inputs["returns"], mask, args.cliprange_value, num_tokens=torch.ones(())
@@ -955,22 +960,32 @@ class PPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, output_dir=None, state_dict=None):
+        """Save the policy (TRL), then the critic. Under FSDP2 and DeepSpeed ZeRO-3 the Trainer passes the full
+        `state_dict` it gathered (`save_model`): the critic's tensors are taken from it, since the modules hold only
+        shards."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
-        if not self._is_peft and state_dict is None:  # keep the critic out of the policy's weights
-            state_dict = {k: v for k, v in model.state_dict().items() if not k.startswith(f"{VALUE_MODEL}.")}
+        full_state = state_dict
+        if not self._is_peft:  # keep the critic out of the policy's weights
+            source = model.state_dict() if state_dict is None else state_dict
+            state_dict = {k: v for k, v in source.items() if not k.startswith(f"{VALUE_MODEL}.")}
         super()._save(output_dir, state_dict)
         if not self.args.should_save:
             return
+        critic_name = VALUE_HEAD if self._uses_lora_critic else VALUE_MODEL
+        critic_state = None
+        if full_state is not None:
+            prefix = f"{critic_name}."
+            critic_state = {k.removeprefix(prefix): v for k, v in full_state.items() if k.startswith(prefix)}
         if self._uses_lora_critic:  # the adapter itself is in `critic/`, saved by PEFT with every adapter
-            head = getattr(model, VALUE_HEAD)
+            head_state = getattr(model, VALUE_HEAD).state_dict() if critic_state is None else critic_state
             os.makedirs(os.path.join(output_dir, CRITIC_ADAPTER), exist_ok=True)
             safetensors.torch.save_file(
-                {name: tensor.detach().contiguous().cpu() for name, tensor in head.state_dict().items()},
+                {name: tensor.detach().contiguous().cpu() for name, tensor in head_state.items()},
                 os.path.join(output_dir, CRITIC_ADAPTER, VALUE_HEAD_FILE),
             )
         else:
-            getattr(model, VALUE_MODEL).save_pretrained(os.path.join(output_dir, VALUE_MODEL))
+            getattr(model, VALUE_MODEL).save_pretrained(os.path.join(output_dir, VALUE_MODEL), state_dict=critic_state)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         unwrapped = self.accelerator.unwrap_model(self.model)
@@ -981,11 +996,19 @@ class PPOTrainer(GRPOTrainer):
         else:
             self._check_value_model_files(resume_from_checkpoint)
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if self._uses_lora_critic:  # the Trainer reloaded the `critic/` adapter (frozen); the head is ours
-            getattr(unwrapped, VALUE_HEAD).load_state_dict(head_state)
+        self._load_critic_weights(resume_from_checkpoint, head_state if self._uses_lora_critic else None)
+
+    def _load_critic_weights(self, checkpoint: str, head_state: dict[str, torch.Tensor] | None) -> None:
+        """After the Trainer loaded the model's weights: the value head (`head_state`, read and checked beforehand)
+        or the value model from their own files, into the model's parameters whether FSDP2 / ZeRO-3 shard them or
+        not. Under FSDP2 the Trainer restored the critic adapter from its full model file; otherwise it reloaded
+        the `critic/` adapter (frozen, and active: the policy adapter is made active again here)."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if self._uses_lora_critic:
+            load_full_state(unwrapped, {f"{VALUE_HEAD}.{name}": tensor for name, tensor in head_state.items()})
             unwrapped.set_adapter(POLICY_ADAPTER)
         else:
-            self._load_saved_value_model(resume_from_checkpoint, getattr(unwrapped, VALUE_MODEL))
+            self._load_saved_value_model(checkpoint, unwrapped)
         self._restore_trainable()
 
     @staticmethod
@@ -1030,9 +1053,10 @@ class PPOTrainer(GRPOTrainer):
             read_file(checkpoint, f"{VALUE_MODEL}/{shard}", "the value model's weights", safetensors_shapes)
 
     @staticmethod
-    def _load_saved_value_model(checkpoint: str, value_model: PreTrainedModel) -> None:
-        """Copy the saved value model's weights into `value_model`; every weight must be in the checkpoint
+    def _load_saved_value_model(checkpoint: str, model: nn.Module) -> None:
+        """Copy the saved value model's weights into `model.value_model`; every weight must be in the checkpoint
         (`from_pretrained` would initialize a missing one at random, with a warning only)."""
+        value_model = getattr(model, VALUE_MODEL)
         with reading(checkpoint, f"{VALUE_MODEL}/", "the value model"):
             saved, loading_info = type(value_model).from_pretrained(
                 os.path.join(checkpoint, VALUE_MODEL),
@@ -1043,7 +1067,7 @@ class PPOTrainer(GRPOTrainer):
             problems = {key: loading_info[key] for key in ("missing_keys", "mismatched_keys") if loading_info[key]}
             if problems:
                 raise ValueError(f"it does not match the value model: {problems}")
-            value_model.load_state_dict(saved.state_dict())
+            load_full_state(model, {f"{VALUE_MODEL}.{name}": tensor for name, tensor in saved.state_dict().items()})
 
     def _issue_warnings_after_load(self, load_result):
         if not self._uses_lora_critic:  # the value model is loaded from its own folder

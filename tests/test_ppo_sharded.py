@@ -1,0 +1,126 @@
+"""PPOTrainer's critic on sharded models: FSDP2 for real on 2 CPU processes (gloo), and `trl_plus.trainer.sharding`.
+
+accelerate enables FSDP only for GPU distributed types, so `tests/distributed/check_ppo_fsdp.py` builds the trainer
+as on CPU and shards its model with accelerate's own `fsdp2_prepare_model` (see its docstring). The 2-process sharded
+run is compared with the 1-process unsharded one on the same global batch: FSDP2 averages the gradients over the
+processes as DDP does, and TRL's token-mean loss divides each process's token sum by the global count / processes, so
+the reduced gradients must equal the single-process ones up to float32 summation order (the reduce-scatter sums two
+partial sums instead of one: a few 1e-8 here, against gradients of 0.2; 1e-6 leaves room and still catches any wrong
+adapter, lost update or missing gather, which are 1e-2 or more).
+DeepSpeed ZeRO-2 / ZeRO-3 are not exercised here (see `sharding.py` for how the critic follows them).
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import requires_gloo, run_one_and_two_processes
+from torch import nn
+
+from trl_plus.trainer import sharding
+
+CHECK_SCRIPT = Path(__file__).parent / "distributed" / "check_ppo_fsdp.py"
+RUNS = ("lora/gc_off", "lora/gc_on", "value_model/gc_off", "value_model/gc_on")
+ATOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tiny_model_path, tmp_path_factory):
+    return run_one_and_two_processes(CHECK_SCRIPT, tiny_model_path, tmp_path_factory.mktemp("ppo-fsdp"), 600)
+
+
+def assert_all_close(actual: dict, expected: dict, atol: float, what: str) -> None:
+    assert actual.keys() == expected.keys(), what
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, atol=atol, rtol=0.0, msg=f"{what}: {name}")
+
+
+@requires_gloo
+def test_two_processes_really_ran_sharded(fsdp_runs):
+    """Every trainable parameter of the 2-process runs is an FSDP2 shard (DTensor), the critic's included."""
+    (single,) = fsdp_runs["single"]
+    for summary, _ in fsdp_runs["two"]:
+        assert summary["world_size"] == 2 and summary["distributed_type"] == "DistributedType.MULTI_CPU"
+        for run in RUNS:
+            kinds = summary["sharded"][run]
+            assert len(kinds) > 10 and set(kinds.values()) == {"DTensor"}, run
+            assert "value_head.weight" in kinds or "value_model.score.weight" in kinds, run
+        assert summary["gradient_checkpointing"] == {run: run.endswith("gc_on") for run in RUNS}
+    assert set(single[0]["sharded"]["lora/gc_off"].values()) == {"Parameter"}
+
+
+@requires_gloo
+@pytest.mark.parametrize("run", RUNS)
+def test_fsdp2_gradients_and_update_equal_the_unsharded_run(fsdp_runs, run):
+    """The rollout's old values (critic forward through the root), the reduced gradients of the policy, the critic
+    adapter / value model and the value head after one backward, and the weights after one SGD step (critic at twice
+    the policy's learning rate) equal the single-process unsharded run's within 1e-6, on both processes."""
+    (single,) = fsdp_runs["single"]
+    expected = single[1][run]
+    trainable = expected["gradients"]
+    critic = [name for name in trainable if name.startswith(("value_head.", "value_model.")) or ".critic." in name]
+    policy = [name for name in trainable if name not in critic]
+    assert len(critic) >= 8 and len(policy) >= 8
+    assert all(gradient.abs().max() > 1e-5 for gradient in trainable.values())  # every parameter gets a signal
+    for summary, tensors in fsdp_runs["two"]:
+        for kind in ("old_values", "gradients", "updated"):
+            assert_all_close(tensors[run][kind], expected[kind], ATOL, f"{run} {kind} rank {summary['rank']}")
+
+
+@requires_gloo
+@pytest.mark.parametrize("critic", ["lora", "value_model"])
+def test_fsdp2_critic_saves_from_the_full_state_dict_and_reloads_into_shards(fsdp_runs, critic):
+    """`_save` with the full state dict FSDP2's `save_model` gathers, then the critic part of `_load_from_checkpoint`
+    into a fresh sharded trainer: the value head (LoRA critic) or every value-model weight equals the trained one
+    exactly, on both processes, and stays trainable."""
+    for _, tensors in fsdp_runs["two"]:
+        restored, trained = tensors[f"{critic}/restored"], tensors[f"{critic}/gc_off"]["updated"]
+        weights = [name for name in restored if not name.startswith("requires_grad/")]
+        assert len(weights) == (2 if critic == "lora" else 28)
+        initial = tensors[f"{critic}/gc_off"]["initial"]
+        for name in weights:
+            torch.testing.assert_close(restored[name], trained[name], atol=0.0, rtol=0.0, msg=name)
+        # the step changed the critic, so a reload that left the fresh (initial) critic would fail
+        assert all((trained[name] - initial[name]).abs().max() > 0 for name in weights if "bias" not in name)
+        assert all(restored[f"requires_grad/{name}"] for name in weights)
+
+
+def test_forward_through_root_runs_inside_the_prepared_forward_and_restores_it(monkeypatch):
+    """Unsharded: a plain call, the prepared model's forward and hooks untouched. Sharded (a wrapper whose forward
+    calls the inner module's, as a DeepSpeed engine; under FSDP2 both are the same module): the function runs as the
+    inner forward inside the wrapper's forward (its hooks see the call), and the inner module's forward is its own
+    again afterwards, also after an error and also when it was an instance attribute (accelerate's autocast)."""
+
+    class Wrapper(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.module = inner
+
+        def forward(self, *args):
+            return self.module(*args)
+
+    calls = []
+    inner = nn.Linear(2, 1)
+    wrapper = Wrapper(inner)
+    wrapper.register_forward_pre_hook(lambda module, args: calls.append("wrapper"))
+    inner.register_forward_pre_hook(lambda module, args: calls.append("inner"))
+    assert sharding.forward_through_root(wrapper, inner, lambda x: x * 2, torch.ones(1)).item() == 2.0
+    assert calls == []
+
+    monkeypatch.setattr(sharding, "needs_root_forward", lambda prepared: prepared is wrapper)
+    assert sharding.forward_through_root(wrapper, inner, lambda x: x * 3, torch.ones(1)).item() == 3.0
+    assert calls == ["wrapper", "inner"] and "forward" not in inner.__dict__
+    own = inner.forward
+    inner.forward = own
+    with pytest.raises(ZeroDivisionError):
+        sharding.forward_through_root(wrapper, inner, lambda x: 1 / 0, torch.ones(1))
+    assert inner.__dict__["forward"] is own
+    assert torch.equal(inner(torch.zeros(2)), inner.bias)  # the real forward again
+
+
+def test_load_full_state_copies_into_plain_parameters_and_refuses_unknown_names():
+    model = nn.Sequential(nn.Linear(2, 2))
+    sharding.load_full_state(model, {"0.weight": torch.full((2, 2), 3.0)})
+    assert torch.equal(model[0].weight, torch.full((2, 2), 3.0))
+    with pytest.raises(KeyError, match="1.weight"):
+        sharding.load_full_state(model, {"1.weight": torch.zeros(2, 2)})
