@@ -124,3 +124,46 @@ def test_load_full_state_copies_into_plain_parameters_and_refuses_unknown_names(
     assert torch.equal(model[0].weight, torch.full((2, 2), 3.0))
     with pytest.raises(KeyError, match="1.weight"):
         sharding.load_full_state(model, {"1.weight": torch.zeros(2, 2)})
+
+
+def test_only_fsdp2_with_full_state_dicts_is_accepted():
+    """accelerate's own plugin objects: FSDP2 saving full state dicts passes; FSDP1 (flat parameters the critic
+    forward cannot gather) and sharded state dicts (the Trainer would not call `_save`, so no critic files) raise,
+    naming the field and the valid choice."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    def plugin(**settings):
+        return FullyShardedDataParallelPlugin(**{"fsdp_version": 2, "state_dict_type": "FULL_STATE_DICT", **settings})
+
+    sharding.check_fsdp_plugin(None)
+    sharding.check_fsdp_plugin(plugin())
+    with pytest.raises(ValueError, match=r"`fsdp_version` is 1; valid: 2"):
+        sharding.check_fsdp_plugin(plugin(fsdp_version=1))
+    with pytest.raises(ValueError, match=r"`fsdp_state_dict_type` is .*SHARDED_STATE_DICT; valid: FULL_STATE_DICT"):
+        sharding.check_fsdp_plugin(plugin(state_dict_type="SHARDED_STATE_DICT"))
+
+
+def test_fsdp2_example_config_gives_a_plugin_ppo_accepts(monkeypatch):
+    """`examples/accelerate_configs/fsdp2.yaml` through `accelerate launch`'s own parsing and environment: the plugin
+    a training process builds from it is FSDP2 with full state dicts and transformer-layer wrapping; the same config
+    with sharded state dicts is refused."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    config = Path(__file__).parents[1] / "examples" / "accelerate_configs" / "fsdp2.yaml"
+    args = launch_command_parser().parse_args(["--config_file", str(config), "examples/vapo.py"])
+    args, _, _ = _validate_launch_command(args)
+    environment = prepare_multi_gpu_env(args)
+    assert environment["ACCELERATE_USE_FSDP"] == "true" and environment["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    for name, value in environment.items():
+        if name.startswith("FSDP_"):
+            monkeypatch.setenv(name, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and plugin.auto_wrap_policy is transformer_auto_wrap_policy
+    assert plugin.reshard_after_forward is True
+    sharding.check_fsdp_plugin(plugin)
+    monkeypatch.setenv("FSDP_STATE_DICT_TYPE", "SHARDED_STATE_DICT")
+    with pytest.raises(ValueError, match="fsdp_state_dict_type"):
+        sharding.check_fsdp_plugin(FullyShardedDataParallelPlugin())

@@ -118,7 +118,7 @@ from .checkpoints import (
 )
 from .field_types import check_field_types
 from .grpo import GRPOConfig, GRPOTrainer
-from .sharding import forward_through_root, load_full_state
+from .sharding import check_fsdp_plugin, forward_through_root, load_full_state
 from .vllm_sync import send_policy_only
 
 logger = logging.getLogger(__name__)
@@ -481,6 +481,7 @@ class PPOTrainer(GRPOTrainer):
         if args is not None and not isinstance(args, PPOConfig):
             raise TypeError(f"{type(self).__name__} needs a trl_plus.PPOConfig (or VAPOConfig), got {type(args)}.")
         super().__init__(model, reward_funcs, args, *positional, **kwargs)
+        check_fsdp_plugin(self.accelerator.state.fsdp_plugin if self.is_fsdp_enabled else None)
         if getattr(self, "_process_reward", None) is not None:
             raise NotImplementedError("PPOTrainer scores whole completions; process (step) rewards are not supported.")
         self._kl_controller = (
@@ -977,6 +978,8 @@ class PPOTrainer(GRPOTrainer):
         if full_state is not None:
             prefix = f"{critic_name}."
             critic_state = {k.removeprefix(prefix): v for k, v in full_state.items() if k.startswith(prefix)}
+            if not critic_state:  # ZeRO-3 without `stage3_gather_16bit_weights_on_model_save`: nothing gathered
+                return  # (the Trainer saves an empty dict; DeepSpeed's own checkpoint holds the critic)
         if self._uses_lora_critic:  # the adapter itself is in `critic/`, saved by PEFT with every adapter
             head_state = getattr(model, VALUE_HEAD).state_dict() if critic_state is None else critic_state
             os.makedirs(os.path.join(output_dir, CRITIC_ADAPTER), exist_ok=True)

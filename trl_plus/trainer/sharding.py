@@ -26,6 +26,25 @@ from torch.distributed.fsdp import FSDPModule
 _NO_FORWARD = object()
 
 
+def check_fsdp_plugin(fsdp_plugin) -> None:
+    """Raise unless an FSDP setup (accelerate's plugin, or None without FSDP) is one the critic follows: FSDP2, whose
+    modules `forward_through_root` recognises (FSDP1 wraps them in flat parameters it does not), saving full state
+    dicts, from which `PPOTrainer._save` takes the critic's tensors (with sharded ones `Trainer.save_model` does not
+    call `_save`, so the critic's files would be missing and a resume would fail)."""
+    if fsdp_plugin is None:
+        return
+    if fsdp_plugin.fsdp_version != 2:
+        raise ValueError(
+            f"`fsdp_version` is {fsdp_plugin.fsdp_version}; valid: 2 (PPO's critic forward runs through FSDP2's "
+            "root module; see examples/accelerate_configs/fsdp2.yaml)."
+        )
+    if "FULL_STATE_DICT" not in str(fsdp_plugin.state_dict_type):
+        raise ValueError(
+            f"`fsdp_state_dict_type` is {fsdp_plugin.state_dict_type}; valid: FULL_STATE_DICT (PPO saves its critic "
+            "from the full state dict the Trainer gathers)."
+        )
+
+
 def is_fsdp2(model: nn.Module) -> bool:
     """Whether `model` is sharded by FSDP2 (`fully_shard` turns the module itself into an `FSDPModule`)."""
     return isinstance(model, FSDPModule)
