@@ -7,19 +7,25 @@ processes as DDP does, and TRL's token-mean loss divides each process's token su
 the reduced gradients must equal the single-process ones up to float32 summation order (the reduce-scatter sums two
 partial sums instead of one: a few 1e-8 here, against gradients of 0.2; 1e-6 leaves room and still catches any wrong
 adapter, lost update or missing gather, which are 1e-2 or more).
-DeepSpeed ZeRO-2 / ZeRO-3 are not exercised here (see `sharding.py` for how the critic follows them).
+DeepSpeed ZeRO-2 / ZeRO-3 (`check_ppo_deepspeed.py`: a real `DeepSpeedEngine` from `deepspeed.initialize`, on
+DeepSpeed's CPU accelerator over gloo) run where `deepspeed` is installed (it is not a dependency: skipped
+otherwise), against the same single-process run.
 """
 
+import importlib.util
+import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import requires_gloo, run_one_and_two_processes
+from conftest import requires_gloo, run_isolated, run_one_and_two_processes
 from torch import nn
 
 from trl_plus.trainer import sharding
 
 CHECK_SCRIPT = Path(__file__).parent / "distributed" / "check_ppo_fsdp.py"
+DEEPSPEED_SCRIPT = Path(__file__).parent / "distributed" / "check_ppo_deepspeed.py"
 RUNS = ("lora/gc_off", "lora/gc_on", "value_model/gc_off", "value_model/gc_on")
 ATOL = 1e-6
 
@@ -27,6 +33,23 @@ ATOL = 1e-6
 @pytest.fixture(scope="module")
 def fsdp_runs(tiny_model_path, tmp_path_factory):
     return run_one_and_two_processes(CHECK_SCRIPT, tiny_model_path, tmp_path_factory.mktemp("ppo-fsdp"), 600)
+
+
+@pytest.fixture(scope="module")
+def deepspeed_runs(fsdp_runs, tiny_model_path, tmp_path_factory):
+    """check_ppo_deepspeed.py on 2 processes: [(summary, tensors)] of rank 0 and 1."""
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed: ZeRO-2 / ZeRO-3 are not exercised")
+    out_dir = tmp_path_factory.mktemp("ppo-deepspeed")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+    command += [str(DEEPSPEED_SCRIPT), tiny_model_path, str(out_dir)]
+    returncode, output = run_isolated(command, 900, extra_env={"DS_ACCELERATOR": "cpu"})
+    assert returncode == 0, output[-8000:]
+    return [(json.loads((out_dir / f"rank{r}.json").read_text()), torch.load(out_dir / f"rank{r}.pt")) for r in (0, 1)]
+
+
+def is_critic(name: str) -> bool:
+    return name.startswith(("value_head.", "value_model.")) or ".critic." in name
 
 
 def assert_all_close(actual: dict, expected: dict, atol: float, what: str) -> None:
@@ -58,7 +81,7 @@ def test_fsdp2_gradients_and_update_equal_the_unsharded_run(fsdp_runs, run):
     (single,) = fsdp_runs["single"]
     expected = single[1][run]
     trainable = expected["gradients"]
-    critic = [name for name in trainable if name.startswith(("value_head.", "value_model.")) or ".critic." in name]
+    critic = [name for name in trainable if is_critic(name)]
     policy = [name for name in trainable if name not in critic]
     assert len(critic) >= 8 and len(policy) >= 8
     assert all(gradient.abs().max() > 1e-5 for gradient in trainable.values())  # every parameter gets a signal
@@ -167,3 +190,49 @@ def test_fsdp2_example_config_gives_a_plugin_ppo_accepts(monkeypatch):
     monkeypatch.setenv("FSDP_STATE_DICT_TYPE", "SHARDED_STATE_DICT")
     with pytest.raises(ValueError, match="fsdp_state_dict_type"):
         sharding.check_fsdp_plugin(FullyShardedDataParallelPlugin())
+
+
+DEEPSPEED_RUNS = [
+    (stage, critic, gc)
+    for stage in (2, 3)
+    for critic in ("lora", "value_model")
+    for gc in ("off", "on")
+    if stage == 3 or gc == "off"
+]
+
+
+@requires_gloo
+@pytest.mark.parametrize(("stage", "critic", "gc"), DEEPSPEED_RUNS)
+def test_deepspeed_gradients_and_update_equal_the_unsharded_run(fsdp_runs, deepspeed_runs, stage, critic, gc):
+    """On a ZeRO-2 / ZeRO-3 engine (ZeRO-3: every parameter partitioned, the critic's included): the rollout's old
+    values, the reduced full gradients and the updated fp32 weights of every trainable parameter equal the
+    single-process unsharded run's within 1e-6, on both processes, with gradient checkpointing as asked."""
+    expected = fsdp_runs["single"][0][1][f"{critic}/gc_{gc}"]
+    run = f"zero{stage}/{critic}/gc_{gc}"
+    for summary, tensors in deepspeed_runs:
+        engine = summary["engines"][run]
+        assert engine["engine"] == "DeepSpeedEngine" and engine["stage"] == stage
+        assert engine["partitioned"] == [stage == 3] and engine["gradient_checkpointing"] == [gc == "on"]
+        for kind in ("old_values", "gradients", "updated"):
+            assert_all_close(tensors[run][kind], expected[kind], ATOL, f"{run} {kind} rank {summary['rank']}")
+
+
+@requires_gloo
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("critic", ["lora", "value_model"])
+def test_deepspeed_critic_saves_from_the_gathered_state_dict_and_resumes_from_the_engine_checkpoint(
+    fsdp_runs, deepspeed_runs, stage, critic
+):
+    """`_save` with the state dict `Trainer.save_model` gathers under DeepSpeed writes the trained critic (adapter and
+    value head, or the value model) exactly; DeepSpeed's engine checkpoint, which a Trainer resume loads, restores it
+    exactly into a fresh engine."""
+    initial = fsdp_runs["single"][0][1][f"{critic}/gc_off"]["initial"]
+    for _, tensors in deepspeed_runs:
+        trained = tensors[f"zero{stage}/{critic}/gc_off"]["updated"]
+        restored = tensors[f"zero{stage}/{critic}/restored"]
+        critic_names = {name for name in trained if is_critic(name)}
+        for kind in ("saved_files", "engine_checkpoint"):
+            assert restored[kind].keys() == critic_names, kind
+            for name in critic_names:
+                torch.testing.assert_close(restored[kind][name], trained[name], atol=0.0, rtol=0.0, msg=name)
+        assert all((trained[name] - initial[name]).abs().max() > 0 for name in critic_names if "bias" not in name)

@@ -6,20 +6,19 @@ unless they are units of their own, the value head, a value model's non-layer we
 root's forward hooks; the layers gather their own. `forward_through_root` runs the critic forward *as* the prepared
 model's forward (PyTorch Lightning's forward redirection: the forward attribute is swapped for the call), so the
 root's pre-forward hook gathers its parameters and its post-forward hook registers the backward hooks that reduce
-their gradients, exactly as for the policy forward. Under DeepSpeed the prepared model is the engine, whose forward
-calls the module's: the same redirection runs the critic forward inside the engine's forward (ZeRO-3 also gathers
-every submodule's parameters by its own hooks).
+their gradients, exactly as for the policy forward. DeepSpeed needs no redirection: ZeRO-3 hooks every submodule,
+so each gathers its own partitioned parameters when it is called (and ZeRO-2 shards no parameter); its gradient
+hooks are on the parameters, whichever forward used them.
 
-`load_full_state` copies full (unsharded) tensors into a model's parameters, whatever their layout: plain tensors,
-FSDP2's `DTensor` shards (torch.distributed.checkpoint's `set_model_state_dict`, as accelerate's
-`fsdp2_load_full_state_dict`), or ZeRO-3 partitions (`deepspeed.zero.GatheredParameters`, as transformers' ZeRO-3
-loading).
+`load_full_state` copies full (unsharded) tensors into a model's parameters, plain tensors or FSDP2's `DTensor`
+shards (torch.distributed.checkpoint's `set_model_state_dict`, as accelerate's `fsdp2_load_full_state_dict`). Under
+DeepSpeed a resume loads DeepSpeed's own engine checkpoint, which holds the critic's partitions with the policy's
+(`Trainer` does not call `_load_from_checkpoint` there), so ZeRO-3 partitions are never loaded from full tensors.
 """
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
-from accelerate.utils import is_deepspeed_available
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
@@ -50,17 +49,9 @@ def is_fsdp2(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def is_deepspeed_engine(model: nn.Module) -> bool:
-    if not is_deepspeed_available():
-        return False
-    from deepspeed import DeepSpeedEngine
-
-    return isinstance(model, DeepSpeedEngine)
-
-
 def needs_root_forward(prepared: nn.Module) -> bool:
     """Whether a forward that calls submodules of `prepared` directly must run inside `prepared`'s forward."""
-    return is_fsdp2(prepared) or is_deepspeed_engine(prepared)
+    return is_fsdp2(prepared)
 
 
 @contextmanager
@@ -77,10 +68,10 @@ def _forward_replaced(module: nn.Module, function):
 
 
 def forward_through_root(prepared: nn.Module, inner: nn.Module, function, *args):
-    """`function(*args)`, run as the forward of `prepared` (the model accelerate prepared: an FSDP2 module, a
-    DeepSpeed engine) whose forward ends in `inner`'s (the unwrapped model; `prepared` itself under FSDP2), so that
-    `prepared`'s forward hooks gather the parameters `function` reads and reduce their gradients. Without sharding
-    (one process, DDP) it is a plain call: DDP must see exactly one forward per backward, the policy's."""
+    """`function(*args)`, run under FSDP2 as the forward of `prepared` (the model accelerate prepared) whose forward
+    ends in `inner`'s (the unwrapped model: `prepared` itself under FSDP2), so that `prepared`'s forward hooks gather
+    the parameters `function` reads and reduce their gradients. Otherwise (one process, DDP, DeepSpeed) a plain
+    call: DDP must see exactly one forward per backward, the policy's."""
     if not needs_root_forward(prepared):
         return function(*args)
     with _forward_replaced(inner, function):
@@ -89,26 +80,20 @@ def forward_through_root(prepared: nn.Module, inner: nn.Module, function, *args)
 
 def load_full_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy `state` (full tensors named as in `model.state_dict()`, a subset of it) into `model`'s parameters and
-    buffers, sharded or not. Every process must call it with the same `state` (each reads the same checkpoint)."""
+    buffers, FSDP2-sharded or not. Every process must call it with the same `state` (each reads the checkpoint)."""
     if is_fsdp2(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         result = set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
-        missing = set(state) & set(result.unexpected_keys)
-        if missing:
-            raise KeyError(f"not parameters of the model: {sorted(missing)}")
+        unknown = set(state) & set(result.unexpected_keys)
+        if unknown:
+            raise KeyError(f"not parameters of the model: {sorted(unknown)}")
         return
     targets = dict(model.named_parameters())
     targets.update(model.named_buffers())
     unknown = sorted(set(state) - set(targets))
     if unknown:
         raise KeyError(f"not parameters of the model: {unknown}")
-    params = [targets[name] for name in state]
-    gathered = nullcontext()
-    if is_deepspeed_available() and any(hasattr(param, "ds_id") for param in params):  # ZeRO-3 partitions
-        import deepspeed
-
-        gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=0)  # rank 0's copy is re-partitioned
-    with gathered, torch.no_grad():
+    with torch.no_grad():
         for name, tensor in state.items():
             targets[name].copy_(tensor.to(device=targets[name].device, dtype=targets[name].dtype))
