@@ -93,11 +93,16 @@ def test_fsdp2_gradients_and_update_equal_the_unsharded_run(fsdp_runs, run):
 @requires_gloo
 @pytest.mark.parametrize("critic", ["lora", "value_model"])
 def test_fsdp2_critic_saves_from_the_full_state_dict_and_reloads_into_shards(fsdp_runs, critic):
-    """`_save` with the full state dict FSDP2's `save_model` gathers, then the critic part of `_load_from_checkpoint`
-    into a fresh sharded trainer: the value head (LoRA critic) or every value-model weight equals the trained one
-    exactly, on both processes, and stays trainable."""
+    """`_save` with the full state dict FSDP2's `save_model` gathers writes the trained critic (adapter and value
+    head, or the value model) exactly; the critic part of `_load_from_checkpoint` loads the value head (LoRA critic)
+    or every value-model weight into a fresh sharded trainer exactly, on both processes, and they stay trainable."""
     for _, tensors in fsdp_runs["two"]:
-        restored, trained = tensors[f"{critic}/restored"], tensors[f"{critic}/gc_off"]["updated"]
+        trained = tensors[f"{critic}/gc_off"]["updated"]
+        saved = tensors[f"{critic}/restored"]["saved_files"]
+        assert saved.keys() == {name for name in trained if is_critic(name)}
+        for name, tensor in saved.items():
+            torch.testing.assert_close(tensor, trained[name], atol=0.0, rtol=0.0, msg=name)
+        restored = tensors[f"{critic}/restored"]["loaded"]
         weights = [name for name in restored if not name.startswith("requires_grad/")]
         assert len(weights) == (2 if critic == "lora" else 28)
         initial = tensors[f"{critic}/gc_off"]["initial"]

@@ -88,18 +88,6 @@ def gathered_state_dict(trainer, engine, stage: int) -> dict[str, torch.Tensor]:
     return engine.module.state_dict()
 
 
-def saved_critic(checkpoint: Path, critic: str) -> dict[str, torch.Tensor]:
-    """The critic's weights in the files `_save` wrote, under the model's parameter names."""
-    from safetensors.torch import load_file
-
-    if critic == "value_model":
-        return {f"value_model.{k}": v for k, v in load_file(checkpoint / "value_model" / "model.safetensors").items()}
-    weights = {f"value_head.{k}": v for k, v in load_file(checkpoint / "critic" / "value_head.safetensors").items()}
-    adapter = load_file(checkpoint / "critic" / "adapter_model.safetensors")  # PEFT drops the adapter's name
-    weights.update({k.replace(".weight", ".critic.weight"): v for k, v in adapter.items()})
-    return weights
-
-
 def save_and_resume(trainer, engine, model_dir, out_dir, world_size, samples, stage, critic) -> dict:
     """`_save` from the gathered state dict, and DeepSpeed's own checkpoint (what a Trainer resume loads under
     DeepSpeed: `_load_from_checkpoint` is not called there) into a fresh engine."""
@@ -109,7 +97,8 @@ def save_and_resume(trainer, engine, model_dir, out_dir, world_size, samples, st
     dist.barrier()
     fresh, fresh_engine = build_engine(model_dir, out_dir, world_size, samples, stage, critic, False)
     fresh_engine.load_checkpoint(str(checkpoint / "deepspeed"), load_module_strict=not fresh._is_peft)
-    return {"saved_files": saved_critic(checkpoint, critic), "engine_checkpoint": critic_weights(fresh, fresh_engine)}
+    saved = check_ppo_fsdp.saved_critic(checkpoint, critic)
+    return {"saved_files": saved, "engine_checkpoint": critic_weights(fresh, fresh_engine)}
 
 
 def main(model_dir: str, out_dir: str) -> int:

@@ -17,8 +17,9 @@ with a separate `Qwen2ForTokenClassification`) and gradient checkpointing off an
    (the critic in its own parameter groups, at `critic_learning_rate`), whose updated weights are saved;
 2. (gradient checkpointing off) a save of the trained critic through `PPOTrainer._save` with the full state dict
    that `Trainer.save_model` gathers under FSDP2 (`accelerator.get_state_dict`: torch's `get_model_state_dict`,
-   full, on CPU), and a load of it into a fresh sharded trainer through the critic part of `_load_from_checkpoint`
-   (file checks, then `_load_critic_weights`): the fresh critic's weights are saved.
+   full, on CPU): the critic's weights read back from its files are saved; and a load of them into a fresh sharded
+   trainer through the critic part of `_load_from_checkpoint` (file checks, then `_load_critic_weights`): the fresh
+   critic's weights are saved.
 
 Writes OUT_DIR/rank{R}.json and OUT_DIR/rank{R}.pt; exits 1 if a check fails.
 """
@@ -130,6 +131,18 @@ def train_one_step(trainer, rank: int, world_size: int) -> dict[str, dict[str, t
     return {"initial": initial, "gradients": gradients, "updated": updated, "old_values": {"all": old_values}}
 
 
+def saved_critic(checkpoint: Path, critic: str) -> dict[str, torch.Tensor]:
+    """The critic's weights in the files `_save` wrote, under the model's parameter names."""
+    from safetensors.torch import load_file
+
+    if critic == "value_model":
+        return {f"value_model.{k}": v for k, v in load_file(checkpoint / "value_model" / "model.safetensors").items()}
+    weights = {f"value_head.{k}": v for k, v in load_file(checkpoint / "critic" / "value_head.safetensors").items()}
+    adapter = load_file(checkpoint / "critic" / "adapter_model.safetensors")  # PEFT drops the adapter's name
+    weights.update({k.replace(".weight", ".critic.weight"): v for k, v in adapter.items()})
+    return weights
+
+
 def save_and_reload(trainer, model_dir, out_dir, world_size, samples, critic) -> dict[str, torch.Tensor]:
     """The trained critic through `_save` and the critic part of `_load_from_checkpoint` into a fresh trainer."""
     checkpoint = out_dir / f"checkpoint-{critic}"
@@ -152,7 +165,7 @@ def save_and_reload(trainer, model_dir, out_dir, world_size, samples, critic) ->
     # The critic adapter's weights are restored by the Trainer (under FSDP2 from its full model file), not by PPO.
     restored = {name: full(params[name]) for name in names if ".critic." not in name}
     restored.update({f"requires_grad/{name}": torch.tensor(params[name].requires_grad) for name in names})
-    return restored
+    return {"loaded": restored, "saved_files": saved_critic(checkpoint, critic)}
 
 
 def main(model_dir: str, out_dir: str) -> int:

@@ -38,7 +38,15 @@ parameters: `PPOConfig` sets `ddp_find_unused_parameters=False` (every trainable
 backward). During value pretraining the policy loss is skipped; on several processes a zero-weighted one-token
 policy forward then gives the policy exact zero gradients (DDP's forward arms its gradient reduction, and without
 unused-parameter search it waits for every parameter), and `training_step` drops them before the optimizer step.
-DeepSpeed and FSDP are not supported yet.
+
+DeepSpeed ZeRO-2 / ZeRO-3 and FSDP2 shard and gather the critic as the policy, since its modules are submodules of
+the prepared model: its parameters are in the engine's / FSDP's optimizer, and the one backward reduces their
+gradients. Under FSDP2 the critic forward runs as the prepared model's forward (`trl_plus.trainer.sharding`), so
+that the root module's hooks gather the parameters of its own group (the value head, a value model's embeddings
+and head); under ZeRO-3 every submodule gathers its own. `Trainer.save_model` gathers the full state dict under
+both, and `_save` takes the critic's tensors from it; a resume loads them back into the shards (FSDP2) or comes from
+DeepSpeed's engine checkpoint, which holds the critic with the policy. FSDP needs `fsdp_version` 2 and
+`FULL_STATE_DICT` (`examples/accelerate_configs/fsdp2.yaml`), checked at construction.
 
 vLLM (`use_vllm`, colocate or server) generates with the policy through TRL's own path: TRL's weight sync is wrapped
 (`trl_plus.trainer.vllm_sync`) so that vLLM receives the base weights with the policy adapter merged, under the base
@@ -961,9 +969,8 @@ class PPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, output_dir=None, state_dict=None):
-        """Save the policy (TRL), then the critic. Under FSDP2 and DeepSpeed ZeRO-3 the Trainer passes the full
-        `state_dict` it gathered (`save_model`): the critic's tensors are taken from it, since the modules hold only
-        shards."""
+        """Save the policy (TRL), then the critic. Under FSDP and DeepSpeed the Trainer passes the full `state_dict`
+        it gathered (`save_model`): the critic's tensors are taken from it, since the modules may hold only shards."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
         full_state = state_dict
@@ -1003,9 +1010,10 @@ class PPOTrainer(GRPOTrainer):
 
     def _load_critic_weights(self, checkpoint: str, head_state: dict[str, torch.Tensor] | None) -> None:
         """After the Trainer loaded the model's weights: the value head (`head_state`, read and checked beforehand)
-        or the value model from their own files, into the model's parameters whether FSDP2 / ZeRO-3 shard them or
-        not. Under FSDP2 the Trainer restored the critic adapter from its full model file; otherwise it reloaded
-        the `critic/` adapter (frozen, and active: the policy adapter is made active again here)."""
+        or the value model from their own files, into the model's parameters, FSDP2 shards or not. Under FSDP2 the
+        Trainer restored the critic adapter from its full model file; otherwise it reloaded the `critic/` adapter
+        (frozen, and active: the policy adapter is made active again here). Under DeepSpeed the Trainer resumes from
+        the engine's checkpoint instead and does not call `_load_from_checkpoint`."""
         unwrapped = self.accelerator.unwrap_model(self.model)
         if self._uses_lora_critic:
             load_full_state(unwrapped, {f"{VALUE_HEAD}.{name}": tensor for name, tensor in head_state.items()})
