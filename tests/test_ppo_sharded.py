@@ -36,7 +36,7 @@ def fsdp_runs(tiny_model_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def deepspeed_runs(fsdp_runs, tiny_model_path, tmp_path_factory):
+def deepspeed_runs(tiny_model_path, tmp_path_factory):
     """check_ppo_deepspeed.py on 2 processes: [(summary, tensors)] of rank 0 and 1."""
     if importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed: ZeRO-2 / ZeRO-3 are not exercised")
@@ -169,6 +169,19 @@ def test_only_fsdp2_with_full_state_dicts_is_accepted():
         sharding.check_fsdp_plugin(plugin(fsdp_version=1))
     with pytest.raises(ValueError, match=r"`fsdp_state_dict_type` is .*SHARDED_STATE_DICT; valid: FULL_STATE_DICT"):
         sharding.check_fsdp_plugin(plugin(state_dict_type="SHARDED_STATE_DICT"))
+
+
+def test_a_deepspeed_optimizer_section_with_a_separate_critic_learning_rate_is_refused():
+    """With an `optimizer` section DeepSpeed trains every parameter at its one learning rate: refused when the critic's
+    differs (naming the field and the way out), accepted when it is the policy's or the section is absent."""
+    with_optimizer = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-6}}, "zero_optimization": {"stage": 3}}
+    sharding.check_deepspeed_optimizer(None, 2e-6, 1e-6)
+    sharding.check_deepspeed_optimizer({"zero_optimization": {"stage": 3}}, 2e-6, 1e-6)
+    sharding.check_deepspeed_optimizer(with_optimizer, 1e-6, 1e-6)
+    with pytest.raises(
+        ValueError, match=r"`critic_learning_rate` is 2e-06 \(the policy's: 1e-06\).*without `optimizer`"
+    ):
+        sharding.check_deepspeed_optimizer(with_optimizer, 2e-6, 1e-6)
 
 
 def test_fsdp2_example_config_gives_a_plugin_ppo_accepts(monkeypatch):

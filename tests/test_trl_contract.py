@@ -492,5 +492,12 @@ def test_sharded_saves_pass_the_gathered_state_dict_and_resumes_load_after_prepa
         r"self\._load_from_checkpoint\(resume_from_checkpoint, self\.model_wrapped\)",
         prepare_source,
     )
+    # Without an `optimizer` section in the DeepSpeed config, DeepSpeed wraps the Trainer's own optimizer (PPO's critic
+    # parameter groups); `sharding.check_deepspeed_optimizer` refuses the section with a separate critic rate.
+    from transformers.integrations.deepspeed import deepspeed_optim_sched
+
+    optim_source = inspect.getsource(deepspeed_optim_sched)
+    assert re.search(r'if "optimizer" in config:\s*optimizer = DummyOptim\(', optim_source)
+    assert "optimizer = trainer.create_optimizer()" in optim_source
     # tests/distributed/check_ppo_fsdp.py shards the model with accelerate's own FSDP2 preparation.
     assert _parameter_names(fsdp_utils.fsdp2_prepare_model) == ["accelerator", "model"]

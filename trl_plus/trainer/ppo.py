@@ -126,7 +126,7 @@ from .checkpoints import (
 )
 from .field_types import check_field_types
 from .grpo import GRPOConfig, GRPOTrainer
-from .sharding import check_fsdp_plugin, forward_through_root, load_full_state
+from .sharding import check_deepspeed_optimizer, check_fsdp_plugin, forward_through_root, load_full_state
 from .vllm_sync import send_policy_only
 
 logger = logging.getLogger(__name__)
@@ -490,6 +490,11 @@ class PPOTrainer(GRPOTrainer):
             raise TypeError(f"{type(self).__name__} needs a trl_plus.PPOConfig (or VAPOConfig), got {type(args)}.")
         super().__init__(model, reward_funcs, args, *positional, **kwargs)
         check_fsdp_plugin(self.accelerator.state.fsdp_plugin if self.is_fsdp_enabled else None)
+        check_deepspeed_optimizer(
+            self.accelerator.state.deepspeed_plugin.deepspeed_config if self.is_deepspeed_enabled else None,
+            self._critic_learning_rate,
+            self.args.learning_rate,
+        )
         if getattr(self, "_process_reward", None) is not None:
             raise NotImplementedError("PPOTrainer scores whole completions; process (step) rewards are not supported.")
         self._kl_controller = (

@@ -44,6 +44,21 @@ def check_fsdp_plugin(fsdp_plugin) -> None:
         )
 
 
+def check_deepspeed_optimizer(deepspeed_config: dict | None, critic_learning_rate: float, learning_rate: float):
+    """Raise when a DeepSpeed config (None without DeepSpeed) has an `optimizer` section while the critic's learning
+    rate differs from the policy's: DeepSpeed then builds its own optimizer over one parameter group, and the critic's
+    groups (`PPOTrainer.create_optimizer`, which the Trainer calls only without that section) would be dropped
+    silently."""
+    if deepspeed_config is None or "optimizer" not in deepspeed_config or critic_learning_rate == learning_rate:
+        return
+    raise ValueError(
+        f"`critic_learning_rate` is {critic_learning_rate} (the policy's: {learning_rate}) and the DeepSpeed config "
+        "has an `optimizer` section, which trains every parameter at one learning rate; valid: a DeepSpeed config "
+        "without `optimizer` (the Trainer builds the optimizer, with the critic's parameter groups, and DeepSpeed "
+        "wraps it), or a critic learning rate equal to `learning_rate`."
+    )
+
+
 def is_fsdp2(model: nn.Module) -> bool:
     """Whether `model` is sharded by FSDP2 (`fully_shard` turns the module itself into an `FSDPModule`)."""
     return isinstance(model, FSDPModule)
