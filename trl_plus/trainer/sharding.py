@@ -14,6 +14,8 @@ hooks are on the parameters, whichever forward used them.
 shards (torch.distributed.checkpoint's `set_model_state_dict`, as accelerate's `fsdp2_load_full_state_dict`). Under
 DeepSpeed a resume loads DeepSpeed's own engine checkpoint, which holds the critic's partitions with the policy's
 (`Trainer` does not call `_load_from_checkpoint` there), so ZeRO-3 partitions are never loaded from full tensors.
+
+`check_fsdp_plugin` and `check_deepspeed_optimizer` refuse, at construction, the setups the critic cannot follow.
 """
 
 from contextlib import contextmanager
