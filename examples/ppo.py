@@ -25,8 +25,8 @@ One GPU, LoRA policy and LoRA critic on a 0.5B instruct model, GSM8K with trl_pl
 Add `--use_vllm --vllm_mode colocate` to generate with vLLM on the same GPU: at every weight sync vLLM receives
 the policy only (its adapter merged into the base weights), never the critic.
 
-Eight GPUs with DDP (PPOTrainer does not support DeepSpeed or FSDP yet), a reward model added to the
-verifiable reward, and a copy of the reward model as the critic:
+Eight GPUs with DDP (DeepSpeed ZeRO-2 / ZeRO-3 and FSDP2 work too: `deepspeed_zero3.yaml`, `fsdp2.yaml`), a reward
+model added to the verifiable reward, and a copy of the reward model as the critic:
 
     accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml examples/ppo.py \\
         --model_name_or_path Qwen/Qwen2.5-1.5B-Instruct \\

@@ -21,8 +21,8 @@ math-verify` for accuracy_reward):
         --max_steps 500 --logging_steps 5 \\
         --output_dir Qwen2.5-1.5B-Instruct-VAPO --report_to trackio
 
-Eight GPUs with DDP (no DeepSpeed or FSDP for PPO-family trainers yet; `--use_vllm` works as for PPO), 16 samples
-per prompt as in the paper:
+Eight GPUs with DDP (or DeepSpeed / FSDP2: `deepspeed_zero3.yaml`, `fsdp2.yaml`; `--use_vllm` works as for PPO), 16
+samples per prompt as in the paper:
 
     accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml examples/vapo.py \\
         --model_name_or_path Qwen/Qwen2.5-7B-Instruct \\

@@ -51,10 +51,11 @@ def make_config(config_class, output_dir, **overrides):
     return config_class(**settings)
 
 
-def run_isolated(command: list[str], timeout_s: float) -> tuple[int, str]:
+def run_isolated(command: list[str], timeout_s: float, extra_env: dict | None = None) -> tuple[int, str]:
     """Run `command` (e.g. torchrun) on CPU in its own session; on timeout kill the whole session (a deadlock shows as
     a failure, not a hung suite). Returns the exit code and the combined output."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TRL_EXPERIMENTAL_SILENCE": "1"}
+    env.update(extra_env or {})
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
     )

@@ -547,3 +547,44 @@ def test_sampling_temperature_attributes_and_entropy_metric(tiny_model_path, pro
     assert "generation_kwargs=self.generation_kwargs" in single_turn_source
     loss_source = inspect.getsource(trl.GRPOTrainer._compute_loss)
     assert 'self._metrics[mode]["entropy"].append(global_masked_mean(entropies))' in loss_source
+
+
+def test_sharded_saves_pass_the_gathered_state_dict_and_resumes_load_after_prepare():
+    """PPO's critic under FSDP2 / DeepSpeed (`PPOTrainer._save`, `_load_critic_weights`): `Trainer.save_model` gathers
+    the full state dict (accelerate's `get_state_dict`: torch's full `get_model_state_dict` under FSDP2, ZeRO-3's
+    consolidated one) and passes it to `_save`, where the critic's tensors are taken from it; a resume loads the
+    weights after `accelerate.prepare`, through `_load_from_checkpoint` under FSDP (with the prepared model) and
+    through DeepSpeed's own engine checkpoint, not `_load_from_checkpoint`, under DeepSpeed."""
+    import accelerate
+    from accelerate.utils import fsdp_utils
+
+    save_source = inspect.getsource(transformers.Trainer.save_model)
+    fsdp_branch = save_source[
+        save_source.index("elif self.is_fsdp_enabled:") : save_source.index("elif self.is_deepspeed")
+    ]
+    assert "state_dict = self.accelerator.get_state_dict(self.model)" in fsdp_branch
+    assert "self._save(output_dir, state_dict=state_dict)" in fsdp_branch
+    deepspeed_branch = save_source[save_source.index("elif self.is_deepspeed_enabled:") :]
+    assert deepspeed_branch.count("self._save(output_dir, state_dict=state_dict)") == 1
+    state_source = inspect.getsource(accelerate.Accelerator.get_state_dict)
+    assert (
+        "options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=True)" in state_source
+    )
+    assert "state_dict = get_model_state_dict(model, options=options)" in state_source
+
+    prepare_source = inspect.getsource(transformers.Trainer._prepare_for_training)
+    assert re.search(r"if self\.is_deepspeed_enabled:\s*deepspeed_load_checkpoint\(", prepare_source)
+    assert re.search(
+        r"elif is_sagemaker_mp_enabled\(\) or self\.is_fsdp_enabled:\s*"
+        r"self\._load_from_checkpoint\(resume_from_checkpoint, self\.model_wrapped\)",
+        prepare_source,
+    )
+    # Without an `optimizer` section in the DeepSpeed config, DeepSpeed wraps the Trainer's own optimizer (PPO's critic
+    # parameter groups); `sharding.check_deepspeed_optimizer` refuses the section with a separate critic rate.
+    from transformers.integrations.deepspeed import deepspeed_optim_sched
+
+    optim_source = inspect.getsource(deepspeed_optim_sched)
+    assert re.search(r'if "optimizer" in config:\s*optimizer = DummyOptim\(', optim_source)
+    assert "optimizer = trainer.create_optimizer()" in optim_source
+    # tests/distributed/check_ppo_fsdp.py shards the model with accelerate's own FSDP2 preparation.
+    assert _parameter_names(fsdp_utils.fsdp2_prepare_model) == ["accelerator", "model"]

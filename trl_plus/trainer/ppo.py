@@ -42,7 +42,15 @@ parameters: `PPOConfig` sets `ddp_find_unused_parameters=False` (every trainable
 backward). During value pretraining the policy loss is skipped; on several processes a zero-weighted one-token
 policy forward then gives the policy exact zero gradients (DDP's forward arms its gradient reduction, and without
 unused-parameter search it waits for every parameter), and `training_step` drops them before the optimizer step.
-DeepSpeed and FSDP are not supported yet.
+
+DeepSpeed ZeRO-2 / ZeRO-3 and FSDP2 shard and gather the critic as the policy, since its modules are submodules of
+the prepared model: its parameters are in the engine's / FSDP's optimizer, and the one backward reduces their
+gradients. Under FSDP2 the critic forward runs as the prepared model's forward (`trl_plus.trainer.sharding`), so
+that the root module's hooks gather the parameters of its own group (the value head, a value model's embeddings
+and head); under ZeRO-3 every submodule gathers its own. `Trainer.save_model` gathers the full state dict under
+both, and `_save` takes the critic's tensors from it; a resume loads them back into the shards (FSDP2) or comes from
+DeepSpeed's engine checkpoint, which holds the critic with the policy. FSDP needs `fsdp_version` 2 and
+`FULL_STATE_DICT` (`examples/accelerate_configs/fsdp2.yaml`), checked at construction.
 
 vLLM (`use_vllm`, colocate or server) generates with the policy through TRL's own path: TRL's weight sync is wrapped
 (`trl_plus.trainer.vllm_sync`) so that vLLM receives the base weights with the policy adapter merged, under the base
@@ -134,6 +142,14 @@ from .checkpoints import (
 from .field_types import check_field_types
 from .grpo import GRPOConfig, GRPOTrainer
 from .ptx import PtxStream, check_ptx_arguments, lm_nll_sum
+from .sharding import (
+    check_deepspeed_optimizer,
+    check_fsdp_plugin,
+    check_lora_value_model_unsharded,
+    forward_through_root,
+    load_full_state,
+    warn_value_pretraining_under_deepspeed,
+)
 from .vllm_sync import send_policy_only
 
 logger = logging.getLogger(__name__)
@@ -565,13 +581,12 @@ class PPOTrainer(GRPOTrainer):
             raise TypeError(f"{type(self).__name__} needs a trl_plus.PPOConfig (or VAPOConfig), got {type(args)}.")
         check_ptx_arguments(0.0 if args is None else args.ptx_coef, ptx_dataset)  # before the model loads
         super().__init__(model, reward_funcs, args, *positional, **kwargs)
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise NotImplementedError(
-                "PPOTrainer supports single-process and DDP training: its critic forward calls the critic's body and "
-                "value head outside the prepared model's forward, where DeepSpeed ZeRO-3 and FSDP would not gather "
-                "the parameters sharded in the root module (the value head), and resuming a sharded critic is not "
-                "wired yet."
-            )
+        check_fsdp_plugin(self.accelerator.state.fsdp_plugin if self.is_fsdp_enabled else None)
+        check_deepspeed_optimizer(
+            self.accelerator.state.deepspeed_plugin.deepspeed_config if self.is_deepspeed_enabled else None,
+            self._critic_learning_rate,
+            self.args.learning_rate,
+        )
         if getattr(self, "_process_reward", None) is not None:
             raise NotImplementedError("PPOTrainer scores whole completions; process (step) rewards are not supported.")
         self._kl_controller = (
@@ -586,6 +601,11 @@ class PPOTrainer(GRPOTrainer):
         self._negative_explained_variance_warned_at: int | None = None  # the optimizer step of the last warning
         self._negative_explained_variance_rollouts = 0  # rollouts with a negative one since that warning
         self._setup_critic(value_model if value_model is not None else self.args.value_model, critic_peft_config)
+        deepspeed_plugin = self.accelerator.state.deepspeed_plugin if self.is_deepspeed_enabled else None
+        check_lora_value_model_unsharded(
+            self._value_model_is_lora, self.is_fsdp_enabled, deepspeed_plugin.zero_stage if deepspeed_plugin else None
+        )
+        warn_value_pretraining_under_deepspeed(self.args.value_pretrain_steps, self.is_deepspeed_enabled)
         self._score_normalizer = ScoreNormalizer(self.args.normalize_reward, self.args.reward_clip)
         self._ptx = None
         if ptx_dataset is not None:
@@ -615,7 +635,7 @@ class PPOTrainer(GRPOTrainer):
                 "for the LoRA critic, which shares the policy's base weights."
             )
         self._uses_lora_critic = value_model is None
-        self._policy_params = [param for param in model.parameters() if param.requires_grad]
+        self._policy_param_names = {name for name, param in model.named_parameters() if param.requires_grad}
         device = next(model.parameters()).device
         with torch.random.fork_rng(devices=[]):
             # The same initial critic on every process and in every run; seed + 1 so that the critic adapter does not
@@ -641,9 +661,9 @@ class PPOTrainer(GRPOTrainer):
             return name.startswith(f"{VALUE_MODEL}.")
 
         # Trainable now: the frozen base of a LoRA value model is no critic parameter.
-        self._critic_params = [
-            param for name, param in model.named_parameters() if is_critic(name) and param.requires_grad
-        ]
+        self._critic_param_names = {
+            name for name, param in model.named_parameters() if is_critic(name) and param.requires_grad
+        }
         self._restore_trainable()
 
     def _critic_lora_config(self, critic_peft_config):
@@ -662,6 +682,17 @@ class PPOTrainer(GRPOTrainer):
     @property
     def _value_model_is_lora(self) -> bool:
         return not self._uses_lora_critic and self._is_peft
+
+    # FSDP2 replaces every parameter by a sharded one when it prepares the model: look them up by name.
+    @property
+    def _policy_params(self) -> list[nn.Parameter]:
+        model = self.accelerator.unwrap_model(self.model)
+        return [param for name, param in model.named_parameters() if name in self._policy_param_names]
+
+    @property
+    def _critic_params(self) -> list[nn.Parameter]:
+        model = self.accelerator.unwrap_model(self.model)
+        return [param for name, param in model.named_parameters() if name in self._critic_param_names]
 
     def _add_lora_critic(self, model, critic_peft_config, device) -> None:
         critic_peft_config = copy.deepcopy(self._critic_lora_config(critic_peft_config))
@@ -753,8 +784,9 @@ class PPOTrainer(GRPOTrainer):
             disable_gradient_checkpointing(value_model, gc_kwargs) if value_model is not None else nullcontext(),
             self._critic_active(model),
         ):
+            forward = partial(self._critic_forward, model, num_completion_tokens=num_completion_tokens)
             values = [
-                self._critic_forward(model, input_ids[rows], attention_mask[rows], num_completion_tokens)
+                forward_through_root(self.model_wrapped, model, forward, input_ids[rows], attention_mask[rows])
                 for rows in (slice(start, start + chunk) for start in range(0, input_ids.size(0), chunk))
             ]
         return torch.cat(values, dim=0)
@@ -1084,9 +1116,8 @@ class PPOTrainer(GRPOTrainer):
             # recomputed in the backward, after the policy's graph (created later, so traversed first) is freed: the
             # peak memory stays near GRPO's, for one more critic forward. Checkpointed layers inside it recompute
             # with the critic adapter too (`adapter_checkpointing`).
-            values = activation_checkpoint(forward, input_ids, attention_mask, use_reentrant=False)
-        else:
-            values = forward(input_ids, attention_mask)
+            forward = partial(activation_checkpoint, forward, use_reentrant=False)
+        values = forward_through_root(model, unwrapped, forward, input_ids, attention_mask)
         # The sum over valid tokens (num_tokens = 1), then this micro-batch's share of the global count.
         loss_sum, clipfrac = clipped_value_loss(
             values, inputs["old_values"], inputs["returns"], mask, args.cliprange_value, num_tokens=torch.ones(())
@@ -1102,44 +1133,66 @@ class PPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, output_dir=None, state_dict=None):
+        """Save the policy (TRL), then the critic. Under FSDP and DeepSpeed the Trainer passes the full `state_dict`
+        it gathered (`save_model`): the critic's tensors are taken from it, since the modules may hold only shards."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
-        if not self._is_peft and state_dict is None:  # keep the critic out of the policy's weights
-            state_dict = {k: v for k, v in model.state_dict().items() if not k.startswith(f"{VALUE_MODEL}.")}
+        full_state = state_dict
+        if not self._is_peft:  # keep the critic out of the policy's weights
+            source = model.state_dict() if state_dict is None else state_dict
+            state_dict = {k: v for k, v in source.items() if not k.startswith(f"{VALUE_MODEL}.")}
         super()._save(output_dir, state_dict)
         if not self.args.should_save:
             return
+        critic_name = VALUE_HEAD if self._uses_lora_critic else VALUE_MODEL
+        critic_state = None
+        if full_state is not None:
+            prefix = f"{critic_name}."
+            critic_state = {k.removeprefix(prefix): v for k, v in full_state.items() if k.startswith(prefix)}
+            if not critic_state:  # ZeRO-3 without `stage3_gather_16bit_weights_on_model_save`: nothing gathered
+                return  # (the Trainer saves an empty dict; DeepSpeed's own checkpoint holds the critic)
         if self._uses_lora_critic:  # the adapter itself is in `critic/`, saved by PEFT with every adapter
-            head = getattr(model, VALUE_HEAD)
+            head_state = getattr(model, VALUE_HEAD).state_dict() if critic_state is None else critic_state
             os.makedirs(os.path.join(output_dir, CRITIC_ADAPTER), exist_ok=True)
             safetensors.torch.save_file(
-                {name: tensor.detach().contiguous().cpu() for name, tensor in head.state_dict().items()},
+                {name: tensor.detach().contiguous().cpu() for name, tensor in head_state.items()},
                 os.path.join(output_dir, CRITIC_ADAPTER, VALUE_HEAD_FILE),
             )
         elif self._value_model_is_lora:
             os.makedirs(os.path.join(output_dir, VALUE_MODEL), exist_ok=True)
             lora_value_model.save(getattr(model, VALUE_MODEL), os.path.join(output_dir, VALUE_MODEL))
         else:
-            getattr(model, VALUE_MODEL).save_pretrained(os.path.join(output_dir, VALUE_MODEL))
+            getattr(model, VALUE_MODEL).save_pretrained(os.path.join(output_dir, VALUE_MODEL), state_dict=critic_state)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         unwrapped = self.accelerator.unwrap_model(self.model)
         # The critic's files are checked before the Trainer loads any weight, so a bad checkpoint changes nothing.
+        saved_critic = None  # the value head's or the LoRA value model's tensors, read and checked here
         if self._uses_lora_critic:
             self._check_critic_adapter(resume_from_checkpoint, unwrapped)
-            head_state = self._read_value_head(resume_from_checkpoint, getattr(unwrapped, VALUE_HEAD))
+            saved_critic = self._read_value_head(resume_from_checkpoint, getattr(unwrapped, VALUE_HEAD))
         elif self._value_model_is_lora:
-            value_state = lora_value_model.read_checked(resume_from_checkpoint, VALUE_MODEL, unwrapped.value_model)
+            saved_critic = lora_value_model.read_checked(resume_from_checkpoint, VALUE_MODEL, unwrapped.value_model)
         else:
             self._check_value_model_files(resume_from_checkpoint)
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if self._uses_lora_critic:  # the Trainer reloaded the `critic/` adapter (frozen); the head is ours
-            getattr(unwrapped, VALUE_HEAD).load_state_dict(head_state)
+        self._load_critic_weights(resume_from_checkpoint, saved_critic)
+
+    def _load_critic_weights(self, checkpoint: str, saved_critic: dict[str, torch.Tensor] | None) -> None:
+        """After the Trainer loaded the model's weights: the value head or the LoRA value model (`saved_critic`, read
+        and checked beforehand) or the full value model from its own files, into the model's parameters, FSDP2 shards
+        or not. Under FSDP2 the
+        Trainer restored the critic adapter from its full model file; otherwise it reloaded the `critic/` adapter
+        (frozen, and active: the policy adapter is made active again here). Under DeepSpeed the Trainer resumes from
+        the engine's checkpoint instead and does not call `_load_from_checkpoint`."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if self._uses_lora_critic:
+            load_full_state(unwrapped, {f"{VALUE_HEAD}.{name}": tensor for name, tensor in saved_critic.items()})
             unwrapped.set_adapter(POLICY_ADAPTER)
         elif self._value_model_is_lora:
-            lora_value_model.load(getattr(unwrapped, VALUE_MODEL), value_state)
+            lora_value_model.load(getattr(unwrapped, VALUE_MODEL), saved_critic)
         else:
-            self._load_saved_value_model(resume_from_checkpoint, getattr(unwrapped, VALUE_MODEL))
+            self._load_saved_value_model(checkpoint, unwrapped)
         self._restore_trainable()
 
     @staticmethod
@@ -1184,9 +1237,10 @@ class PPOTrainer(GRPOTrainer):
             read_file(checkpoint, f"{VALUE_MODEL}/{shard}", "the value model's weights", safetensors_shapes)
 
     @staticmethod
-    def _load_saved_value_model(checkpoint: str, value_model: PreTrainedModel) -> None:
-        """Copy the saved value model's weights into `value_model`; every weight must be in the checkpoint
+    def _load_saved_value_model(checkpoint: str, model: nn.Module) -> None:
+        """Copy the saved value model's weights into `model.value_model`; every weight must be in the checkpoint
         (`from_pretrained` would initialize a missing one at random, with a warning only)."""
+        value_model = getattr(model, VALUE_MODEL)
         with reading(checkpoint, f"{VALUE_MODEL}/", "the value model"):
             saved, loading_info = type(value_model).from_pretrained(
                 os.path.join(checkpoint, VALUE_MODEL),
@@ -1197,7 +1251,7 @@ class PPOTrainer(GRPOTrainer):
             problems = {key: loading_info[key] for key in ("missing_keys", "mismatched_keys") if loading_info[key]}
             if problems:
                 raise ValueError(f"it does not match the value model: {problems}")
-            value_model.load_state_dict(saved.state_dict())
+            load_full_state(model, {f"{VALUE_MODEL}.{name}": tensor for name, tensor in saved.state_dict().items()})
 
     def _issue_warnings_after_load(self, load_result):
         if not self._uses_lora_critic:  # the value model is loaded from its own folder
