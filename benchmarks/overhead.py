@@ -270,8 +270,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=15,
         help="Pairs of runs (trl_plus and TRL back to back, the order alternating A/B, B/A); the ratio is the median "
-        "of the per-pair ratios. 15: with 7, two runs of the benchmark differed by more than 2%% for 3 of its 10 "
-        "configurations (a median of 3 moved by up to 40%% with a single stall of the machine).",
+        "of the per-pair ratios. Two default runs on an idle 2-core VM agreed within 0.02 for 7 of the 10 "
+        "configurations with 7 pairs and for 5 with 15 (2026-12-01): the per-pair spread (0.04-0.09), not single "
+        "stalls, limits the agreement; a median of 3 moved by up to 40%% with a single stall.",
     )
     parser.add_argument("--hidden-size", type=int, default=64, help="Hidden size of the tiny Qwen2.")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

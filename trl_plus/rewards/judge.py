@@ -24,6 +24,7 @@ from numbers import Real
 from typing import Any
 
 from .judge_http import API_PATHS, JudgeReplyError, OpenAICompatibleJudge
+from .text import message_text
 
 DEFAULT_VERDICT_TEMPLATE = (
     "Is the response a correct and helpful answer to the prompt? Answer Yes or No.\n\n"
@@ -47,20 +48,6 @@ def parse_score(text: str) -> float | None:
     """
     match = _NUMBER.search(text)
     return float(match.group()) if match else None
-
-
-def message_text(value: Any) -> str:
-    """A prompt or completion as text: a string as is; chat messages as their contents joined by newlines."""
-    if isinstance(value, str):
-        return value
-    messages = [value] if isinstance(value, dict) else list(value)
-    parts = []
-    for message in messages:
-        content = message.get("content") or ""
-        if isinstance(content, list):  # multimodal content parts: [{"type": "text", "text": ...}, ...]
-            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
-        parts.append(str(content))
-    return "\n".join(parts)
 
 
 def expected_verdict_value(logprobs: Sequence[float], values: Sequence[float]) -> float:

@@ -30,6 +30,8 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any, NamedTuple
 
+from .text import message_text
+
 try:  # the `math` extra: answer extraction and symbolic equivalence ("\frac{1}{2}" == "0.5", "x+1" == "1+x")
     from math_verify import ExprExtractionConfig, LatexExtractionConfig
     from math_verify import parse as _mv_parse
@@ -306,22 +308,6 @@ def majority_vote_labels(
     return [votes[group].label for group in group_ids]
 
 
-def _completion_text(completion: Any) -> str:
-    """The text of a completion: a string, or the assistant contents of a chat-style list of messages."""
-    if isinstance(completion, str):
-        return completion
-    messages = [completion] if isinstance(completion, dict) else list(completion)
-    parts = []
-    for message in messages:
-        if message.get("role", "assistant") != "assistant":
-            continue
-        content = message.get("content") or ""
-        if isinstance(content, list):  # multimodal content parts: [{"type": "text", "text": ...}, ...]
-            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
-        parts.append(str(content))
-    return "\n".join(parts)
-
-
 def prompt_key(prompt: Any) -> str:
     """A digest of the prompt that is equal on every process for equal prompts (Python's `hash` is salted)."""
     serialized = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, default=str)
@@ -389,7 +375,7 @@ class MajorityVoteReward:
         self.ties = ties
 
     def _vote(self, completion: Any) -> str | None:
-        answer = self.extractor(_completion_text(completion))
+        answer = self.extractor(message_text(completion, roles=("assistant",)))
         return normalize_answer(answer) if answer is not None else None
 
     def __call__(self, completions: list, prompts: list | None = None, **kwargs) -> list[float | None]:
