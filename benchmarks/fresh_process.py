@@ -7,6 +7,7 @@ Runs then share no allocator state (each peak-memory reading is the run's own) a
 import gc
 import multiprocessing as mp
 import os
+import tempfile
 import traceback
 
 
@@ -109,6 +110,27 @@ class PeakMemory:
         else:
             peak = _read_status_kib("VmHWM") * 1024
         self.mib = (peak - self._baseline) / 2**20
+
+
+def measured_run_settings(options: dict, eos_token_id: int, on_cuda: bool) -> dict:
+    """The config settings every measured run shares: its own output dir under `options["work_dir"]`, bf16 only on
+    CUDA, `options["steps"]` steps logged one by one, nothing saved or reported, and completions of exactly
+    `options["completion_length"]` tokens (EOS is suppressed until the last position, then forced), so that step
+    times compare."""
+    length = options["completion_length"]
+    return dict(
+        output_dir=tempfile.mkdtemp(dir=options["work_dir"]),
+        use_cpu=not on_cuda,
+        bf16=on_cuda,
+        max_completion_length=length,
+        generation_kwargs={"min_new_tokens": length - 1, "forced_eos_token_id": eos_token_id},
+        max_steps=options["steps"],
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+    )
 
 
 def train_measured(trainer_class, args, *, model_path: str, reward_funcs, dataset, peft_config, on_cuda: bool) -> dict:

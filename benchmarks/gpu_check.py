@@ -38,7 +38,14 @@ import sys
 import tempfile
 import time
 
-from fresh_process import fork_server_context, quiet_run, run_in_fresh_process, steady_environment, train_measured
+from fresh_process import (
+    fork_server_context,
+    measured_run_settings,
+    quiet_run,
+    run_in_fresh_process,
+    steady_environment,
+    train_measured,
+)
 
 REQUIRED = ("torch", "transformers", "peft", "accelerate", "trl", "datasets")
 HEAVY_MODULES = ["torch", "transformers", "datasets", "peft", "trl", "trl_plus", "trl_plus.trainer.ppo"]
@@ -108,7 +115,6 @@ def run_once(name: str, options: dict) -> dict:
 
     quiet_run(options["threads"])
     on_cuda = not options["smoke"]
-    length = options["completion_length"]
     tokenizer = transformers.AutoTokenizer.from_pretrained(options["model_path"])
     dataset = Dataset.from_dict({"prompt": [f"{a}+{b}=" for a in range(10) for b in range(10)]})
     config_class, trainer_class, extra = {
@@ -118,21 +124,10 @@ def run_once(name: str, options: dict) -> dict:
         "vapo": (trl_plus.VAPOConfig, trl_plus.VAPOTrainer, {"value_pretrain_steps": min(1, options["steps"] - 1)}),
     }[name]
     args = config_class(
-        output_dir=tempfile.mkdtemp(dir=options["work_dir"]),
-        use_cpu=not on_cuda,
-        bf16=on_cuda,
+        **measured_run_settings(options, tokenizer.eos_token_id, on_cuda),
         gradient_checkpointing=True,
         per_device_train_batch_size=8,
-        max_completion_length=length,
-        # Every completion is exactly `length` tokens: EOS is suppressed until the last position, then forced.
-        generation_kwargs={"min_new_tokens": length - 1, "forced_eos_token_id": tokenizer.eos_token_id},
         learning_rate=1e-5,
-        max_steps=options["steps"],
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
         **extra,
     )
     peft_config = LoraConfig(target_modules="all-linear", r=16, lora_alpha=32, task_type="CAUSAL_LM")

@@ -38,7 +38,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from fresh_process import PeakMemory, fork_server_context, quiet_run, run_in_fresh_process, steady_environment
+from fresh_process import (
+    PeakMemory,
+    fork_server_context,
+    measured_run_settings,
+    quiet_run,
+    run_in_fresh_process,
+    steady_environment,
+)
 from transformers import TrainerCallback
 
 # Modules the fork server imports once; every run is a fork of it.
@@ -176,29 +183,17 @@ def run_once(side: Side, options: dict) -> dict:
     module = importlib.import_module(side.module)
     trainer_class, config_class = getattr(module, side.trainer), getattr(module, side.config)
     on_cuda = options["device"] == "cuda"
-    length = options["completion_length"]
     tokenizer = transformers.AutoTokenizer.from_pretrained(options["model_path"])
     # TRL loads models given by name in float32 (bf16 is autocast); the reference model (beta > 0) is rebuilt
     # from this path.
     model = transformers.AutoModelForCausalLM.from_pretrained(options["model_path"], dtype=torch.float32)
     dataset = Dataset.from_dict({"prompt": [f"{a}+{b}=" for a in range(8) for b in range(8)]})
     settings = dict(
-        output_dir=tempfile.mkdtemp(dir=options["work_dir"]),
-        use_cpu=not on_cuda,
-        bf16=on_cuda,
+        measured_run_settings(options, tokenizer.eos_token_id, on_cuda),
         gradient_checkpointing=False,
         per_device_train_batch_size=options["batch_size"],
         num_generations=options["num_generations"],
-        max_completion_length=length,
-        # Every completion is exactly `length` tokens: eos is suppressed until the last position, then forced.
-        generation_kwargs={"min_new_tokens": length - 1, "forced_eos_token_id": tokenizer.eos_token_id},
         learning_rate=1e-3,
-        max_steps=options["steps"],
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
     )
     settings.update(side.overrides)
     args = config_class(**settings)

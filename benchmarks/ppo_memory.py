@@ -35,7 +35,14 @@ import statistics
 import tempfile
 import time
 
-from fresh_process import fork_server_context, quiet_run, run_in_fresh_process, steady_environment, train_measured
+from fresh_process import (
+    fork_server_context,
+    measured_run_settings,
+    quiet_run,
+    run_in_fresh_process,
+    steady_environment,
+    train_measured,
+)
 
 HEAVY_MODULES = ["torch", "transformers", "datasets", "peft", "trl", "trl_plus", "trl_plus.trainer.ppo"]
 WARMUP_STEPS = 2
@@ -71,27 +78,15 @@ def run_once(name: str, options: dict) -> dict:
 
     quiet_run(options["threads"])
     on_cuda = options["device"] == "cuda"
-    length = options["completion_length"]
     tokenizer = transformers.AutoTokenizer.from_pretrained(options["model_path"])
     dataset = Dataset.from_dict({"prompt": [f"{a}+{b}=" for a in range(8) for b in range(8)]})
     settings = dict(
-        output_dir=tempfile.mkdtemp(dir=options["work_dir"]),
-        use_cpu=not on_cuda,
-        bf16=on_cuda,
+        measured_run_settings(options, tokenizer.eos_token_id, on_cuda),
         gradient_checkpointing=options["gradient_checkpointing"],
         per_device_train_batch_size=8,
         num_generations=2,
-        max_completion_length=length,
-        # Every completion is exactly `length` tokens: eos is suppressed until the last position, then forced.
-        generation_kwargs={"min_new_tokens": length - 1, "forced_eos_token_id": tokenizer.eos_token_id},
         learning_rate=1e-4,
         beta=0.05,
-        max_steps=options["steps"],
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
     )
     trainer_class, config_class, extra = {
         "grpo_lora": (GRPOTrainer, GRPOConfig, {}),
