@@ -284,6 +284,25 @@ def test_default_config_loss_and_gradients_equal_trl(tiny_model_path, prompt_dat
 # ---------------------------------------------------------------------------------------------- 2. registry = TRL
 
 
+def registry_path_batch(tiny_model_path, prompt_dataset, tmp_path, loss_type: str, options: dict):
+    """A trainer whose explicit `loss_aggregation` (the loss type's own) routes TRL's `loss_type` with `options`
+    through the registry's PPO clip, and an off-policy micro-batch of it (old and, with `beta`, reference log-probs
+    perturbed)."""
+    trainer = build(
+        tiny_model_path,
+        prompt_dataset,
+        tmp_path,
+        loss_type=loss_type,
+        loss_aggregation=AGGREGATION_OF[loss_type],
+        generation_kwargs=EOS_BIAS,
+        **OFF_POLICY,
+        **options,
+    )
+    assert trainer.args.registry_policy_loss == "ppo_clip"
+    keys = ["old_per_token_logps"] + (["ref_per_token_logps"] if "beta" in options else [])
+    return trainer, perturb_log_probs(micro_batch(trainer), keys)
+
+
 @pytest.mark.parametrize(
     ("loss_type", "extra"),
     [
@@ -299,20 +318,7 @@ def test_registry_ppo_clip_reproduces_trl_loss(
 ):
     # An explicit loss_aggregation equal to the loss type's own routes the loss through POLICY_LOSSES["ppo_clip"],
     # AGGREGATIONS and KL_ESTIMATORS["k3"]; every number must be TRL's.
-    trainer = build(
-        tiny_model_path,
-        prompt_dataset,
-        tmp_path,
-        loss_type=loss_type,
-        loss_aggregation=AGGREGATION_OF[loss_type],
-        generation_kwargs=EOS_BIAS,
-        **OFF_POLICY,
-        **extra,
-    )
-    assert trainer.args.registry_policy_loss == "ppo_clip"
-    inputs = micro_batch(trainer)
-    keys = ["old_per_token_logps"] + (["ref_per_token_logps"] if "beta" in extra else [])
-    inputs = perturb_log_probs(inputs, keys)
+    trainer, inputs = registry_path_batch(tiny_model_path, prompt_dataset, tmp_path, loss_type, extra)
     assert inputs["completion_mask"].sum(1).unique().numel() > 1  # sequences of different lengths
 
     trl_calls = []
@@ -941,20 +947,7 @@ def test_registry_path_keeps_trl_meaning_of_each_loss_option(
 ):
     # The registry path (POLICY_LOSSES["ppo_clip"] + AGGREGATIONS) with TRL's option on must give TRL's own loss,
     # gradients and metrics with that option on: the composition keeps TRL's meaning of every option.
-    trainer = build(
-        tiny_model_path,
-        prompt_dataset,
-        tmp_path,
-        loss_type=loss_type,
-        loss_aggregation=AGGREGATION_OF[loss_type],
-        generation_kwargs=EOS_BIAS,
-        **OFF_POLICY,
-        **option,
-    )
-    assert trainer.args.registry_policy_loss == "ppo_clip"
-    inputs = micro_batch(trainer)
-    keys = ["old_per_token_logps"] + (["ref_per_token_logps"] if "beta" in option else [])
-    inputs = perturb_log_probs(inputs, keys)
+    trainer, inputs = registry_path_batch(tiny_model_path, prompt_dataset, tmp_path, loss_type, option)
     inputs["advantages"] = torch.tensor([-1.0, -0.5, 1.5, 0.5])  # both signs twice (the off-policy mask reads A < 0)
     monkeypatch.setattr(trl.GRPOTrainer, "_compute_loss", lambda *a: pytest.fail("TRL's loss was called"))
     # Two steps, so the adaptive controller's first update (gate closed at step 1, then open) is part of the check.
