@@ -582,8 +582,9 @@ class PPOTrainer(GRPOTrainer):
         check_ptx_arguments(0.0 if args is None else args.ptx_coef, ptx_dataset)  # before the model loads
         super().__init__(model, reward_funcs, args, *positional, **kwargs)
         check_fsdp_plugin(self.accelerator.state.fsdp_plugin if self.is_fsdp_enabled else None)
+        deepspeed_plugin = self.accelerator.state.deepspeed_plugin if self.is_deepspeed_enabled else None
         check_deepspeed_optimizer(
-            self.accelerator.state.deepspeed_plugin.deepspeed_config if self.is_deepspeed_enabled else None,
+            deepspeed_plugin.deepspeed_config if deepspeed_plugin else None,
             self._critic_learning_rate,
             self.args.learning_rate,
         )
@@ -601,7 +602,6 @@ class PPOTrainer(GRPOTrainer):
         self._negative_explained_variance_warned_at: int | None = None  # the optimizer step of the last warning
         self._negative_explained_variance_rollouts = 0  # rollouts with a negative one since that warning
         self._setup_critic(value_model if value_model is not None else self.args.value_model, critic_peft_config)
-        deepspeed_plugin = self.accelerator.state.deepspeed_plugin if self.is_deepspeed_enabled else None
         check_lora_value_model_unsharded(
             self._value_model_is_lora, self.is_fsdp_enabled, deepspeed_plugin.zero_stage if deepspeed_plugin else None
         )
@@ -1181,10 +1181,9 @@ class PPOTrainer(GRPOTrainer):
     def _load_critic_weights(self, checkpoint: str, saved_critic: dict[str, torch.Tensor] | None) -> None:
         """After the Trainer loaded the model's weights: the value head or the LoRA value model (`saved_critic`, read
         and checked beforehand) or the full value model from its own files, into the model's parameters, FSDP2 shards
-        or not. Under FSDP2 the
-        Trainer restored the critic adapter from its full model file; otherwise it reloaded the `critic/` adapter
-        (frozen, and active: the policy adapter is made active again here). Under DeepSpeed the Trainer resumes from
-        the engine's checkpoint instead and does not call `_load_from_checkpoint`."""
+        or not. Under FSDP2 the Trainer restored the critic adapter from its full model file; otherwise it reloaded the
+        `critic/` adapter (frozen, and active: the policy adapter is made active again here). Under DeepSpeed the
+        Trainer resumes from the engine's checkpoint instead and does not call `_load_from_checkpoint`."""
         unwrapped = self.accelerator.unwrap_model(self.model)
         if self._uses_lora_critic:
             load_full_state(unwrapped, {f"{VALUE_HEAD}.{name}": tensor for name, tensor in saved_critic.items()})
