@@ -138,6 +138,39 @@ def test_sampler_adapts_only_at_steps_whose_prompts_all_came_back():
     assert logged_unsolved == [0.5, 0.5, pytest.approx(0.49)]
 
 
+def test_sampler_short_of_kept_prompts_generates_the_skipped_ones_likeliest_to_teach():
+    # Every candidate skipped (the draw forced to "skip"): the sampler still generates its one group, from the skipped
+    # prompt with the highest keep probability p^z (p = 0.5): short 0.5 (z=1) over mid 0.25 (z=2) over long 0.03
+    # (z=5), whatever order the stream gave them in.
+    rollout = SelectiveRollout(exploration=0.5, seed=0)
+    streaks = {"long": 5, "mid": 2, "short": 1}
+    rollout.history = {prompt_key(prompt): [UNSOLVED, streak] for prompt, streak in streaks.items()}
+    rollout.choose_skipped = lambda keys: [True] * len(keys)
+    metrics = {}
+    sampler = Sampler(
+        group_size=2,
+        num_processes=1,
+        process_index=0,
+        prompt_batches=lambda epoch: [_rows("long"), _rows("mid"), _rows("short")] * 3,
+        gather_object=lambda local: local,
+        to_training_batch=lambda batch: batch,
+        old_log_probs=None,
+        log_metric=metrics.__setitem__,
+        pad_values={},
+        selective_rollout=rollout,
+    )
+    generated = []
+
+    def record_prompts(inputs):
+        generated.extend(row["prompt"] for row in inputs)
+        return {}, torch.zeros(len(inputs))
+
+    sampler.sample(_rows("long"), record_prompts)
+    assert generated == ["short", "short"]
+    assert metrics["selective_rollout/prompts_skipped"] == 8  # 9 candidates (the batch and 8 draws), 1 generated
+    assert metrics["selective_rollout/prompts_forced"] == 1  # the one generated had been skipped
+
+
 # ---------------------------------------------------------------------- config
 @pytest.mark.parametrize(
     ("overrides", "message"),

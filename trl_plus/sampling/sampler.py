@@ -200,8 +200,12 @@ class Sampler:
             if len(kept) >= num_groups:
                 break
         chosen = kept[:num_groups]
-        forced = skipped[: num_groups - len(chosen)]  # short of kept prompts: generate skipped ones after all
+        # Short of kept prompts: generate skipped ones after all, those likeliest to carry a signal first (highest
+        # keep probability: the shortest streaks; the sort is stable, so ties keep the stream's order).
+        skipped.sort(key=lambda entry: -self.selective_rollout.keep_probability(entry[0]))
+        forced = skipped[: num_groups - len(chosen)]
         step.num_skipped += len(skipped) - len(forced)
+        step.num_forced += len(forced)
         chosen += forced
         step.all_returning &= all(self.selective_rollout.has_history(key) for key, _ in chosen)
         rows = [row for _, group in chosen for row in group]
@@ -233,6 +237,7 @@ class Sampler:
         if step.all_returning:
             self.selective_rollout.adapt(step.outcomes)
         log("selective_rollout/prompts_skipped", step.num_skipped)
+        log("selective_rollout/prompts_forced", step.num_forced)
         log("selective_rollout/exploration_solved", self.selective_rollout.exploration[SOLVED])
         log("selective_rollout/exploration_unsolved", self.selective_rollout.exploration[UNSOLVED])
 
@@ -264,6 +269,7 @@ class _Step:
         self.num_groups = 0
         self.num_zero_variance = 0
         self.num_skipped = 0
+        self.num_forced = 0  # skipped prompts generated anyway: the draws found too few to keep
         self.all_returning = True  # every prompt generated in the step had a history before it was chosen
         self.outcomes: list[int] = []
 

@@ -322,7 +322,9 @@ class GRPOConfig(trl.GRPOConfig):
             "extra-prompt stream, so a step still gets its number of groups. The exploration probability p (one for "
             "solved prompts, one for unsolved ones) adapts by 0.01 per step whose prompts all came back (GRESO: from "
             "the second epoch), within [0.05, 0.95], to hold "
-            "`selective_rollout_target` zero-variance groups among the generated ones. Works with and without "
+            "`selective_rollout_target` zero-variance groups among the generated ones. When 8 batches of the stream "
+            "leave a step short of kept prompts, the skipped ones with the highest keep probability are generated "
+            "(`selective_rollout/prompts_forced`). Works with and without "
             "dynamic_sampling. Needs num_generations >= 2 (a group of one has no variance) and a map-style dataset."
         },
     )
