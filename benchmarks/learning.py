@@ -45,6 +45,7 @@ writes `entropy.png` (token entropy vs generated samples).
 
 import argparse
 import datetime
+import itertools
 import json
 import logging
 import multiprocessing
@@ -285,7 +286,7 @@ def run_one(job: dict) -> dict:
     train = unanswerable_pool(train, job.get("unanswerable", 0.0))
     dataset = Dataset.from_dict({"prompt": [prompt for prompt, _ in train], "answer": [answer for _, answer in train]})
     started = time.perf_counter()
-    reward = exact_match_reward
+    reward = outcomes = GroupOutcomes(exact_match_reward, NUM_GENERATIONS)
     if spec.ttrl_ties is not None:  # the `answer` column is read only by the ttrl/label_accuracy metric
         reward = MajorityVoteReward(extractor=_whole_completion, equivalent=operator.eq, ties=spec.ttrl_ties)
     trainer = trainer_class(
@@ -321,6 +322,7 @@ def run_one(job: dict) -> dict:
         "algo": spec.name,
         "seed": job["seed"],
         "zero_variance": zero_variance_share(trainer.state.log_history),
+        "outcomes": outcomes.summary() if spec.ttrl_ties is None else None,
         "entropy_curve": entropy_curve(trainer.state.log_history),
         "curve": budget.curve,
         "samples": budget.samples,
@@ -347,6 +349,61 @@ def _whole_completion(text: str) -> str | None:
 def _mean_logged(log_history: list[dict], metric: str) -> float:
     values = [entry[metric] for entry in log_history if metric in entry]
     return statistics.fmean(values) if values else float("nan")
+
+
+class GroupOutcomes:
+    """The reward function, wrapped to record every generated group's outcome per prompt, in generation order.
+
+    Each call scores whole groups (TRL's sampler repeats a prompt `group_size` times in a row; one process here).
+    From the sequence of a prompt's outcomes, `summary` splits the zero-variance groups by what the prompt's previous
+    visit was: none (a first visit), a group with signal, or a zero-variance group. A pre-rollout filter that reads a
+    prompt's history (GRESO) can only avoid the last kind: the others had no sign of being uninformative.
+    """
+
+    def __init__(self, reward, group_size: int):
+        self.reward, self.group_size, self.__name__ = reward, group_size, reward.__name__  # TRL names metrics by it
+        self.history: dict[str, list[bool]] = {}  # prompt -> zero-variance? per visit
+
+    def __call__(self, prompts, completions, **kwargs) -> list[float]:
+        rewards = self.reward(completions=completions, **kwargs)
+        for start in range(0, len(rewards), self.group_size):
+            group = rewards[start : start + self.group_size]
+            self.history.setdefault(prompts[start], []).append(max(group) == min(group))
+        return rewards
+
+    def summary(self) -> dict:
+        """Counts of groups, zero-variance groups split by the prompt's previous visit, and distinct prompts."""
+        counts = {"groups": 0, "first_visit": 0, "after_signal": 0, "after_zero_variance": 0, "repeats": 0}
+        for visits in self.history.values():
+            counts["groups"] += len(visits)
+            counts["first_visit"] += visits[0]
+            for previous, current in itertools.pairwise(visits):
+                counts["after_zero_variance" if previous else "after_signal"] += current
+                counts["repeats"] += previous  # visits that followed a zero-variance group
+        counts["prompts"] = len(self.history)
+        return counts
+
+
+def zero_variance_breakdown(results: list[dict], algos: list[str]) -> str:
+    """Table: zero-variance groups per run, split by the prompt's previous visit, and how often one follows another."""
+    lines = [
+        "| algorithm | groups generated | zero-variance groups | first visit | after a group with signal | after a "
+        "zero-variance group | P(zero-variance after zero-variance) | distinct prompts |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for algo in algos:
+        runs = [run["outcomes"] for run in results if run["algo"] == algo and run.get("outcomes")]
+        if not runs:
+            continue
+        mean = {key: statistics.fmean(run[key] for run in runs) for key in runs[0]}
+        total = mean["first_visit"] + mean["after_signal"] + mean["after_zero_variance"]
+        persistence = mean["after_zero_variance"] / max(mean["repeats"], 1)
+        lines.append(
+            f"| {algo} | {mean['groups']:,.0f} | {total:,.0f} | {mean['first_visit']:,.0f} | "
+            f"{mean['after_signal']:,.0f} | {mean['after_zero_variance']:,.0f} | {persistence:.1%} | "
+            f"{mean['prompts']:,.0f} |"
+        )
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -727,6 +784,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.setting == "multi_epoch":
         extra, reference_final = multi_epoch_table(rows, results)
         table += f"\n\nAt trl_grpo's final accuracy ({reference_final:.1%}):\n\n{extra}"
+        table += (
+            "\n\nZero-variance groups per run (mean over seeds), by the prompt's previous visit; a filter that reads "
+            f"a prompt's history can avoid only the last kind:\n\n{zero_variance_breakdown(results, algos)}"
+        )
     if args.setting == "entropy":
         table += f"\n\nEntropy at learning rate {args.learning_rate:g}:\n\n{entropy_table(results, algos)}"
     elapsed = time.perf_counter() - started
@@ -762,6 +823,19 @@ def main(argv: list[str] | None = None) -> None:
                 f"{algo}: the majority label was the right answer for {means['label_accuracy']:.1%} of the groups "
                 f"(a group without a label counts as wrong), the top answers tied in {means['tied_groups']:.1%}, and "
                 f"the label held {means['majority_ratio']:.1%} of a group's votes (means over steps and seeds)."
+            )
+    for algo in algos:
+        runs = [run["outcomes"] for run in results if run["algo"] == algo and run.get("outcomes")]
+        if args.setting == "multi_epoch" and runs and algo == "dapo":
+            zero_variance = statistics.fmean(
+                r["first_visit"] + r["after_signal"] + r["after_zero_variance"] for r in runs
+            )
+            avoidable = statistics.fmean(r["after_zero_variance"] for r in runs)
+            notes.append(
+                f"dapo: of its {zero_variance:,.0f} zero-variance groups per run, {avoidable:,.0f} "
+                f"({avoidable / zero_variance:.0%}) followed a zero-variance group of the same prompt: a filter that "
+                "reads a prompt's history could at most avoid these (the others came at a first visit or after a "
+                "group with signal)."
             )
     for row in rows:
         if row["gain"] < 0:
