@@ -30,6 +30,19 @@ def test_median_and_spread_golden_values(overhead):
     assert overhead.median_and_spread([1.03]) == (1.03, 0.0)
 
 
+def test_fast_time_is_the_10th_percentile_and_ignores_a_slow_burst(overhead):
+    # 20 steps 10, 11, ..., 29 ms: inclusive 10th percentile at position 0.1 * 19 = 1.9: 11 + 0.9 = 11.9
+    steps = [10.0 + index for index in range(20)]
+    assert overhead.fast_time(steps) == pytest.approx(11.9)
+    # A burst that slows the last 17 of 28 steps by 1.4x (a vCPU's slow phase, as measured on the 2-core VM) moves the
+    # median (the 14th and 15th steps, both in the burst) by the full 1.4x but leaves the 10th percentile (between the
+    # 3rd and 4th fastest, before the burst) where it was.
+    base = [30.0 + 0.1 * index for index in range(28)]
+    burst = base[:11] + [1.4 * t for t in base[11:]]
+    assert overhead.fast_time(burst) == pytest.approx(overhead.fast_time(base))
+    assert statistics.median(burst) / statistics.median(base) == pytest.approx(1.4)
+
+
 def agreement(estimate, num_pairs: int, noise: float, trials: int = 3000) -> float:
     """Share of simulated pairs of benchmark runs whose ratios are within 2% of each other. Per-pair ratios are
     log-normal (`noise`) and one pair in 10 is stalled (+20%: a stall slows a run, never speeds it up)."""
