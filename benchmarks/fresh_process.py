@@ -49,18 +49,30 @@ def _child(run_once, recipe, options: dict, connection) -> None:
 
 def run_in_fresh_process(context, run_once, recipe, options: dict, label: str) -> dict:
     """`run_once(recipe, options)` in a new process of `context`; its result, or an error naming `label`."""
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_child, args=(run_once, recipe, options, sender))
-    process.start()
-    sender.close()
-    try:
-        status, payload = receiver.recv()
-    except EOFError:
-        status, payload = "error", "worker exited without a result"
-    process.join()
-    if status != "ok":
-        raise RuntimeError(f"run of {label} failed:\n{payload}")
-    return payload
+    return run_in_fresh_processes(context, run_once, [(recipe, label)], options)[0]
+
+
+def run_in_fresh_processes(context, run_once, recipes: list[tuple], options: dict) -> list[dict]:
+    """`run_once(recipe, options)` for every `(recipe, label)` at once, each in a new process of `context`; their
+    results in order, or an error naming the label of the first that failed."""
+    started = []
+    for recipe, label in recipes:
+        receiver, sender = context.Pipe(duplex=False)
+        process = context.Process(target=_child, args=(run_once, recipe, options, sender))
+        process.start()
+        sender.close()
+        started.append((label, receiver, process))
+    results = []
+    for label, receiver, process in started:
+        try:
+            status, payload = receiver.recv()
+        except EOFError:
+            status, payload = "error", "worker exited without a result"
+        process.join()
+        if status != "ok":
+            raise RuntimeError(f"run of {label} failed:\n{payload}")
+        results.append(payload)
+    return results
 
 
 def quiet_run(threads: int) -> None:

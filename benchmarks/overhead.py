@@ -11,20 +11,22 @@ and as root `nice -n -10` keeps other processes from stretching the steps.
 Each configuration is paired with the TRL configuration that computes the same thing; both train the same tiny
 model on the same prompts with the same seed. Every run is a fresh process, forked from a server that imported
 torch/transformers/trl once (a run then costs no 7 s import), so runs share no allocator state and each peak is
-its own. The two runs of a pair run back to back and alternate A/B, B/A across repeats to cancel drift; every ratio
-is the median of the per-pair ratios (a stall of the machine moves one pair, not the verdict), printed with its
-spread (half the interquartile range of the per-pair ratios).
+its own. Every ratio is the median of the per-pair ratios (a stall of the machine moves one pair, not the verdict),
+printed with its spread (half the interquartile range of the per-pair ratios).
 
-- step time: TRL's own `step_time` metric (wall time of `training_step`, logged every step), the first 2 steps
-  dropped as warm-up; a run's step time is the 10th percentile of its steps (`fast_time`). Where one generation
-  serves several steps (`num_iterations` or `steps_per_generation` > 1), steps are first averaged over each
-  generation cycle, so whole cycles are compared, not a generation step with an update-only step. Why not the
-  median: on a 2-core VM a vCPU runs about 1.3-1.4x slower for bursts of 0.5-1 s (CPU time slows with it, so it is
-  not preemption), and a run of 30 steps lasts about 1 s: a burst moves a run's median, while its fastest steps
-  still show the run's speed. Over 30 pairs this halved the per-pair spread (0.05-0.09 with the median, 0.035-0.05
-  with the 10th percentile; 2026-12-01).
-- CPU time: process CPU time per optimizer step (a callback), same statistic; shown as a cross-check. Other load on
-  the cores barely moves it, so a step-time ratio over target with a CPU-time ratio within it means contention.
+On CPU the two runs of a pair run at the same time, pinned to the same core, and are compared by CPU time: the
+kernel interleaves them every few milliseconds, so both meet the same slow phases of the core. On a 2-core VM a vCPU
+runs 1.3-1.4x slower in bursts of 0.5-1 s that the other vCPU does not share (CPU time slows with it, so it is not
+preemption), about the length of a whole 30-step run: with the runs of a pair back to back, two default runs of the
+script agreed within 0.02 for 4 or 5 of the 10 configurations, whatever the per-run statistic (median or 10th
+percentile of the steps; 2026-12-01). On CUDA the runs of a pair run back to back, alternating A/B, B/A across
+repeats to cancel drift, and are compared by wall time.
+
+- time: per optimizer step, TRL's own `step_time` metric (wall time of `training_step`) and the process CPU time
+  (a callback), the first 2 steps dropped as warm-up, median over steps and repeats. Where one generation serves
+  several steps (`num_iterations` or `steps_per_generation` > 1), steps are first averaged over each generation
+  cycle, so the median compares whole cycles, not a generation step with an update-only step. The other clock is
+  printed as a cross-check (on CPU, the wall time of runs that share a core is near 1 by construction).
 - peak memory: on CPU, the peak RSS of the run (VmHWM, reset after imports and model load) minus the RSS then;
   on CUDA, `torch.cuda.max_memory_allocated` minus the memory allocated then. Median over repeats.
 
@@ -48,6 +50,7 @@ from fresh_process import (
     measured_run_settings,
     quiet_run,
     run_in_fresh_process,
+    run_in_fresh_processes,
     steady_environment,
 )
 from transformers import TrainerCallback
@@ -55,6 +58,7 @@ from transformers import TrainerCallback
 # Modules the fork server imports once; every run is a fork of it.
 HEAVY_MODULES = ["torch", "transformers", "datasets", "trl", "trl_plus", "trl_plus.tiny"]
 WARMUP_STEPS = 2
+CLOCK_NAMES = {"step": "wall time", "cpu": "CPU time"}
 DEFAULTS_TARGET = 1.02
 PRESET_TARGET = 1.05
 
@@ -184,6 +188,8 @@ def run_once(side: Side, options: dict) -> dict:
     from datasets import Dataset
 
     quiet_run(options["threads"])
+    if options["core"] is not None:  # the two runs of a pair share this core (see the module docstring)
+        os.sched_setaffinity(0, {options["core"]})
     module = importlib.import_module(side.module)
     trainer_class, config_class = getattr(module, side.trainer), getattr(module, side.config)
     on_cuda = options["device"] == "cuda"
@@ -253,19 +259,10 @@ def median_and_spread(ratios: list[float]) -> tuple[float, float]:
     return statistics.median(ratios), round((quartiles[2] - quartiles[0]) / 2, 12)
 
 
-def fast_time(times: list[float]) -> float:
-    """The 10th percentile of `times` (inclusive quantiles): the speed of the steps no slow burst of the VM stretched.
-
-    >>> round(fast_time([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0]), 12)
-    2.0
-    """
-    return statistics.quantiles(times, n=10, method="inclusive")[0]
-
-
 def summarize(runs: list[dict]) -> dict:
-    """Wall and CPU step time (ms), `fast_time` of the steps of all `runs`; median peak memory increase (MiB)."""
+    """Median wall and CPU step time (ms) over steps and repeats, median peak memory increase (MiB) over repeats."""
     return {
-        clock: 1000 * fast_time([t for run in runs for t in cycle_times(run[f"{clock}_times"], run["cycle"])])
+        clock: 1000 * statistics.median(t for run in runs for t in cycle_times(run[f"{clock}_times"], run["cycle"]))
         for clock in ("step", "cpu")
     } | {"mib": statistics.median(run["peak_mib"] for run in runs)}
 
@@ -276,16 +273,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--steps",
         type=int,
         default=30,
-        help="Training steps per run (>= 30: the 10th percentile of 28 measured steps is about the 3rd fastest).",
+        help="Training steps per run (>= 30 for a stable median).",
     )
     parser.add_argument(
         "--repeats",
         type=int,
         default=15,
-        help="Pairs of runs (trl_plus and TRL back to back, the order alternating A/B, B/A); the ratio is the median "
-        "of the per-pair ratios. Two default runs on the idle 2-core VM agreed within 0.02 for 4 of the 10 "
-        "configurations (2026-12-01, per-pair spreads 0.015-0.063): differences between runs, not single stalls, "
-        "limit the agreement; a median of 3 moved by up to 40%% with a single stall.",
+        help="Pairs of runs (trl_plus and TRL; on CPU at the same time on one core, on CUDA back to back with the "
+        "order alternating A/B, B/A); the ratio is the median of the per-pair ratios. A median of 3 moved by up to "
+        "40%% with a single stall.",
     )
     parser.add_argument("--hidden-size", type=int, default=64, help="Hidden size of the tiny Qwen2.")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -310,6 +306,8 @@ def main() -> None:
     args = parse_args()
     steady_environment(args.device, args.threads)
     pairs = [pair for pair in PAIRS if args.only is None or pair.name in args.only]
+    concurrent = args.device == "cpu"  # the runs of a pair share one core at the same time (module docstring)
+    timed, cross_check = ("cpu", "step") if concurrent else ("step", "cpu")
     # A fork server that imported the heavy modules once: each run is a cheap fork, still a fresh process.
     context = fork_server_context(HEAVY_MODULES)
 
@@ -329,6 +327,7 @@ def main() -> None:
         "num_generations": args.num_generations,
         "completion_length": args.completion_length,
         "threads": args.threads,
+        "core": min(os.sched_getaffinity(0)) if concurrent else None,
     }
 
     import torch
@@ -347,8 +346,9 @@ def main() -> None:
         f"seed 0, {args.steps} steps x {args.repeats} repeats per side, A/B order alternating, one fresh process a run"
     )
     print(
-        f"# step time: 10th percentile of TRL's `step_time` (first {WARMUP_STEPS} steps dropped; averaged per "
-        "generation cycle where a generation serves several steps); peak memory: "
+        f"# time: median {CLOCK_NAMES[timed]} per step (first {WARMUP_STEPS} steps dropped; averaged per generation "
+        f"cycle where a generation serves several steps), the runs of a pair "
+        f"{'at the same time on one core' if concurrent else 'back to back'}; peak memory: "
         f"{'max_memory_allocated' if args.device == 'cuda' else 'peak RSS'} increase over the loaded model, median"
     )
 
@@ -357,10 +357,15 @@ def main() -> None:
     for repeat in range(args.repeats):
         for pair in pairs:
             order = ("trl", "plus") if repeat % 2 == 0 else ("plus", "trl")
+            recipes = [(getattr(pair, side), getattr(pair, side).label()) for side in order]
+            if concurrent:
+                results = run_in_fresh_processes(context, run_once, recipes, options)
+            else:
+                results = [
+                    run_in_fresh_process(context, run_once, recipe, options, label) for recipe, label in recipes
+                ]
             progress = []
-            for side in order:
-                recipe = getattr(pair, side)
-                result = run_in_fresh_process(context, run_once, recipe, options, recipe.label())
+            for side, result in zip(order, results, strict=True):
                 if result["lengths"] != {float(args.completion_length)}:
                     raise RuntimeError(f"{pair.name}/{side}: completion lengths {result['lengths']} are not fixed")
                 runs[pair.name, side].append(result)
@@ -372,17 +377,18 @@ def main() -> None:
             print(f"#   repeat {repeat + 1}/{args.repeats} {pair.name}: {', '.join(progress)}", flush=True)
 
     print()
+    timed_name, check_name = CLOCK_NAMES[timed], CLOCK_NAMES[cross_check]
     print(
-        "| configuration | trl_plus step (ms) | TRL step (ms) | step-time ratio (median of pairs ± spread) | "
-        "CPU-time ratio | peak-memory ratio (trl_plus / TRL MiB) | target | result |"
+        f"| configuration | trl_plus {timed_name} (ms) | TRL {timed_name} (ms) | {timed_name} ratio (median of "
+        f"pairs ± spread) | {check_name} ratio | peak-memory ratio (trl_plus / TRL MiB) | target | result |"
     )
     print("|---|---:|---:|---:|---:|---:|---|---|")
     failures, contended = [], []
     for pair in pairs:
         plus, base = summarize(runs[pair.name, "plus"]), summarize(runs[pair.name, "trl"])
         per_run = {side: [summarize([run]) for run in runs[pair.name, side]] for side in ("plus", "trl")}
-        (time_ratio, time_spread), (cpu_ratio, _), (memory_ratio, _) = (
-            median_and_spread(pair_ratios(per_run["plus"], per_run["trl"], key)) for key in ("step", "cpu", "mib")
+        (time_ratio, time_spread), (check_ratio, _), (memory_ratio, _) = (
+            median_and_spread(pair_ratios(per_run["plus"], per_run["trl"], key)) for key in (timed, cross_check, "mib")
         )
         memory_ok = not pair.gate_memory or memory_ratio <= pair.target
         result = "pass"
@@ -390,13 +396,13 @@ def main() -> None:
             failures.append(pair.name)
             result = "FAIL"
             # Wall time over target while CPU time is within it: other load slowed the runs, not trl_plus.
-            if memory_ok and cpu_ratio <= pair.target:
+            if not concurrent and memory_ok and check_ratio <= pair.target:
                 contended.append(pair.name)
                 result = "FAIL (CPU time within target)"
         target = f"time{' & memory' if pair.gate_memory else ''} <= {pair.target:.2f}"
         print(
-            f"| {pair.name}: `trl_plus.{pair.plus.label()}` vs `trl.{pair.trl.label()}` | {plus['step']:.1f} | "
-            f"{base['step']:.1f} | {time_ratio:.3f} ± {time_spread:.3f} | {cpu_ratio:.3f} | {memory_ratio:.3f} "
+            f"| {pair.name}: `trl_plus.{pair.plus.label()}` vs `trl.{pair.trl.label()}` | {plus[timed]:.1f} | "
+            f"{base[timed]:.1f} | {time_ratio:.3f} ± {time_spread:.3f} | {check_ratio:.3f} | {memory_ratio:.3f} "
             f"({plus['mib']:.0f} / {base['mib']:.0f}) | {target} | {result} |"
         )
     print()

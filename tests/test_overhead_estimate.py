@@ -2,6 +2,8 @@
 
 import importlib.util
 import math
+import multiprocessing
+import operator
 import random
 import statistics
 import sys
@@ -30,17 +32,13 @@ def test_median_and_spread_golden_values(overhead):
     assert overhead.median_and_spread([1.03]) == (1.03, 0.0)
 
 
-def test_fast_time_is_the_10th_percentile_and_ignores_a_slow_burst(overhead):
-    # 20 steps 10, 11, ..., 29 ms: inclusive 10th percentile at position 0.1 * 19 = 1.9: 11 + 0.9 = 11.9
-    steps = [10.0 + index for index in range(20)]
-    assert overhead.fast_time(steps) == pytest.approx(11.9)
-    # A burst that slows the last 17 of 28 steps by 1.4x (a vCPU's slow phase, as measured on the 2-core VM) moves the
-    # median (the 14th and 15th steps, both in the burst) by the full 1.4x but leaves the 10th percentile (between the
-    # 3rd and 4th fastest, before the burst) where it was.
-    base = [30.0 + 0.1 * index for index in range(28)]
-    burst = base[:11] + [1.4 * t for t in base[11:]]
-    assert overhead.fast_time(burst) == pytest.approx(overhead.fast_time(base))
-    assert statistics.median(burst) / statistics.median(base) == pytest.approx(1.4)
+def test_runs_of_a_pair_start_together_and_return_in_order(overhead):
+    # run_once(recipe, options) = recipe[options]; both processes start before either result is read
+    context = multiprocessing.get_context("fork")
+    recipes = [({"x": 1}, "first"), ({"x": 2}, "second")]
+    assert overhead.run_in_fresh_processes(context, operator.getitem, recipes, "x") == [1, 2]
+    with pytest.raises(RuntimeError, match="run of broken failed:(.|\n)*KeyError"):
+        overhead.run_in_fresh_processes(context, operator.getitem, [({"x": 1}, "fine"), ({}, "broken")], "x")
 
 
 def agreement(estimate, num_pairs: int, noise: float, trials: int = 3000) -> float:
