@@ -1,6 +1,6 @@
 """Overhead of trl_plus against plain TRL: step time and peak memory, side by side in one run.
 
-Run from the repository root (CPU, Linux; about 5.5 minutes on 2 idle cores):
+Run from the repository root (CPU, Linux; about 11 minutes on 2 idle cores):
 
     /work/venv/bin/python benchmarks/overhead.py
 
@@ -19,14 +19,14 @@ kernel interleaves them every few milliseconds, so both meet the same slow phase
 runs 1.3-1.4x slower in bursts of 0.5-1 s that the other vCPU does not share (CPU time slows with it, so it is not
 preemption), about the length of a whole 30-step run: with the runs of a pair back to back, two default runs of the
 script agreed within 0.02 for 4 or 5 of the 10 configurations, whatever the per-run statistic (median or 10th
-percentile of the steps; 2026-12-01). On CUDA the runs of a pair run back to back, alternating A/B, B/A across
-repeats to cancel drift, and are compared by wall time.
+percentile of the steps); with the runs of a pair on one core, within 0.010 for all 10 (2026-12-01). On CUDA the
+runs of a pair run back to back, alternating A/B, B/A across repeats to cancel drift, and are compared by wall time.
 
 - time: per optimizer step, TRL's own `step_time` metric (wall time of `training_step`) and the process CPU time
   (a callback), the first 2 steps dropped as warm-up, median over steps and repeats. Where one generation serves
   several steps (`num_iterations` or `steps_per_generation` > 1), steps are first averaged over each generation
   cycle, so the median compares whole cycles, not a generation step with an update-only step. The other clock is
-  printed as a cross-check (on CPU, the wall time of runs that share a core is near 1 by construction).
+  printed as a cross-check.
 - peak memory: on CPU, the peak RSS of the run (VmHWM, reset after imports and model load) minus the RSS then;
   on CUDA, `torch.cuda.max_memory_allocated` minus the memory allocated then. Median over repeats.
 
