@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import os
 import signal
@@ -49,6 +50,27 @@ def make_config(config_class, output_dir, **overrides):
     )
     settings.update(overrides)
     return config_class(**settings)
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """`benchmarks/<name>.py` as a module, without running its main: its sibling imports (`fresh_process`) resolve,
+    its dataclasses find their module, and the environment variables it sets for its own runs are undone."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    environment = dict(os.environ)
+    sys.path.insert(0, str(BENCHMARKS))
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[name]
+        sys.path.remove(str(BENCHMARKS))
+        os.environ.clear()
+        os.environ.update(environment)
+    return module
 
 
 def run_isolated(command: list[str], timeout_s: float, extra_env: dict | None = None) -> tuple[int, str]:

@@ -5,24 +5,13 @@ import re
 import sys
 from pathlib import Path
 
-from conftest import run_isolated
+from conftest import load_benchmark, run_isolated
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
 
 
-def load_gpu_check():
-    sys.path.insert(0, str(SCRIPT.parent))  # the script imports its sibling `fresh_process`
-    try:
-        spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-    return module
-
-
 def test_missing_packages_and_gpu_are_named_and_exit_2(monkeypatch, capsys):
-    gpu_check = load_gpu_check()
+    gpu_check = load_benchmark("gpu_check")
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(
         gpu_check.importlib.util, "find_spec", lambda name: None if name in ("trl", "datasets") else find_spec(name)

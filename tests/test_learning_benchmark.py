@@ -1,20 +1,13 @@
 """benchmarks/learning.py's entropy setting: its presets, the entropy curve it reads from a trainer's log and its
 table (the runs themselves are benchmarks, not tests)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-LEARNING = Path(__file__).resolve().parent.parent / "benchmarks" / "learning.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def learning():
-    spec = importlib.util.spec_from_file_location("learning_benchmark", LEARNING)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("learning")
 
 
 def test_entropy_setting_presets(learning):

@@ -1,30 +1,14 @@
 """`benchmarks/learning.py`'s multi-epoch setting: the issue's conditions on its prompt pool hold."""
 
-import importlib.util
-import os
-import sys
-from pathlib import Path
-
 import pytest
+from conftest import load_benchmark
 
 from trl_plus.demo import ANSWER_LENGTH, exact_match_reward, reverse_task
-
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "learning.py"
 
 
 @pytest.fixture(scope="module")
 def learning():
-    spec = importlib.util.spec_from_file_location("learning", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["learning"] = module  # dataclasses resolve their module
-    environment = dict(os.environ)  # the script sets thread and Hub variables for its own runs
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        del sys.modules["learning"]
-        os.environ.clear()
-        os.environ.update(environment)
-    return module
+    return load_benchmark("learning")
 
 
 def test_every_prompt_of_the_pool_is_visited_at_least_4_times(learning):

@@ -1,29 +1,18 @@
 """`benchmarks/overhead.py`'s ratio: its default number of pairs makes two runs agree within 2% under stall noise."""
 
-import importlib.util
 import math
 import multiprocessing
 import operator
 import random
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "overhead.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def overhead():
-    sys.path.insert(0, str(SCRIPT.parent))  # the script imports its sibling `fresh_process`
-    try:
-        spec = importlib.util.spec_from_file_location("overhead", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-    return module
+    return load_benchmark("overhead")
 
 
 def test_median_and_spread_golden_values(overhead):
