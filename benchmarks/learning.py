@@ -824,19 +824,18 @@ def main(argv: list[str] | None = None) -> None:
                 f"(a group without a label counts as wrong), the top answers tied in {means['tied_groups']:.1%}, and "
                 f"the label held {means['majority_ratio']:.1%} of a group's votes (means over steps and seeds)."
             )
-    for algo in algos:
-        runs = [run["outcomes"] for run in results if run["algo"] == algo and run.get("outcomes")]
-        if args.setting == "multi_epoch" and runs and algo == "dapo":
-            zero_variance = statistics.fmean(
-                r["first_visit"] + r["after_signal"] + r["after_zero_variance"] for r in runs
-            )
-            avoidable = statistics.fmean(r["after_zero_variance"] for r in runs)
-            notes.append(
-                f"dapo: of its {zero_variance:,.0f} zero-variance groups per run, {avoidable:,.0f} "
-                f"({avoidable / zero_variance:.0%}) followed a zero-variance group of the same prompt: a filter that "
-                "reads a prompt's history could at most avoid these (the others came at a first visit or after a "
-                "group with signal)."
-            )
+    dapo_outcomes = [run["outcomes"] for run in results if run["algo"] == "dapo" and run.get("outcomes")]
+    if args.setting == "multi_epoch" and dapo_outcomes:
+        zero_variance = statistics.fmean(
+            r["first_visit"] + r["after_signal"] + r["after_zero_variance"] for r in dapo_outcomes
+        )
+        avoidable = statistics.fmean(r["after_zero_variance"] for r in dapo_outcomes)
+        notes.append(
+            f"dapo: of its {zero_variance:,.0f} zero-variance groups per run, {avoidable:,.0f} "
+            f"({avoidable / zero_variance:.0%}) followed a zero-variance group of the same prompt: a filter that "
+            "reads a prompt's history could at most avoid these (the others came at a first visit or after a "
+            "group with signal)."
+        )
     for row in rows:
         if row["gain"] < 0:
             notes.append(f"{row['algo']} ends below its warm start ({100 * row['gain']:+.1f} points on average).")
